@@ -1,0 +1,178 @@
+"""Moderated streams: a session of the engine plus the verdict rules and text-delta input.
+
+This is the API the sidecar's services build on: open a stream with a conversation (or prompt
+ids), get the prompt verdict, feed response chunks as ids or text deltas, get per-token
+verdicts and the index at which the response is flagged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from guard.conversation import GuardTokenizer, Message, RenderedPrompt, parse_messages
+from guard.engine import ChunkScores, EngineSession, PromptScores, StreamEngine
+from guard.errors import InvalidInput
+from guard.incremental_tokenizer import IncrementalTokenizer
+from guard.verdict import DebounceTracker, TokenVerdict, Verdict, VerdictRules
+
+
+@dataclass(frozen=True)
+class PromptVerdict:
+    verdict: Verdict
+    prompt_tokens: int
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class ChunkVerdict:
+    tokens: tuple[TokenVerdict, ...]
+    flag_index: int | None  # response index at which the debounce rule fired (this or an earlier chunk)
+    span_start: int | None  # first token of the non-safe run that fired it
+    newly_flagged: bool  # the rule fired inside this chunk
+    queue_s: float
+    compute_s: float
+
+
+def _chain(source: Future, convert) -> Future:
+    """A future resolving to ``convert(source.result())``; errors propagate."""
+    out: Future = Future()
+
+    def done(f: Future) -> None:
+        if f.cancelled():
+            out.cancel()
+        elif f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            try:
+                out.set_result(convert(f.result()))
+            except Exception as exc:
+                out.set_exception(exc)
+
+    source.add_done_callback(done)
+    return out
+
+
+class ModeratedStream:
+    """One response under moderation. Feed ids or text, not both."""
+
+    def __init__(
+        self, moderator: StreamModerator, session: EngineSession, prompt: Future[PromptScores], rules: VerdictRules
+    ) -> None:
+        self._moderator = moderator
+        self._engine = moderator.engine
+        self.session = session
+        self.rules = rules
+        self._tracker = DebounceTracker(rules)
+        self._text: IncrementalTokenizer | None = None
+        self._fed_ids = False
+        cfg = self._engine.config
+        self.prompt: Future[PromptVerdict] = _chain(
+            prompt,
+            lambda s: PromptVerdict(
+                Verdict.from_probs(cfg.query_risk, cfg.query_categories, s.risk_probs, s.category_probs),
+                s.prompt_tokens,
+                s.compute_s,
+            ),
+        )
+
+    @property
+    def id(self) -> str:
+        return self.session.id
+
+    @property
+    def flag_index(self) -> int | None:
+        return self._tracker.flag_index
+
+    def feed_ids(self, token_ids: Sequence[int]) -> Future[ChunkVerdict]:
+        if self._text is not None:
+            raise InvalidInput("this stream takes text deltas; do not mix text and token ids in one stream")
+        self._fed_ids = True
+        return self._submit(token_ids)
+
+    def feed_text(self, delta: str) -> Future[ChunkVerdict]:
+        """Judge the stable part of the text so far; the unstable tail waits for more text."""
+        return self._submit(self._text_stream().push(delta))
+
+    def end_text(self) -> Future[ChunkVerdict]:
+        """The text stream is complete: judge the held-back tail."""
+        return self._submit(self._text_stream().finish())
+
+    @property
+    def pending_text(self) -> str:
+        return self._text.pending_text if self._text is not None else ""
+
+    def close(self, reason: str = "closed") -> None:
+        self._engine.close(self.session, reason)
+
+    def _text_stream(self) -> IncrementalTokenizer:
+        if self._fed_ids:
+            raise InvalidInput("this stream takes token ids; do not mix text and token ids in one stream")
+        if self._text is None:
+            self._text = IncrementalTokenizer(self._moderator.tokenizer.hf)
+        return self._text
+
+    def _submit(self, ids: Sequence[int]) -> Future[ChunkVerdict]:
+        return _chain(self._engine.submit(self.session, ids), self._judge)
+
+    def _judge(self, scores: ChunkScores) -> ChunkVerdict:
+        """Runs in chunk order (one worker resolves a session's chunks FIFO)."""
+        cfg = self._engine.config
+        tracker = self._tracker
+        fired = False
+        tokens = []
+        verdicts = Verdict.many(cfg.response_risk, cfg.response_categories, scores.risk_probs, scores.category_probs)
+        for i, (tid, verdict) in enumerate(zip(scores.token_ids, verdicts, strict=True)):
+            unsafe = self.rules.counts_as_unsafe(verdict.risk)
+            index = scores.first_index + i
+            fired |= tracker.observe(index, unsafe)
+            tokens.append(TokenVerdict(index, tid, verdict, unsafe))
+        return ChunkVerdict(
+            tuple(tokens), tracker.flag_index, tracker.span_start, fired, scores.queue_s, scores.compute_s
+        )
+
+
+class StreamModerator:
+    """Opens moderated streams on an engine with the checkpoint's tokenizer and chat template."""
+
+    def __init__(self, engine: StreamEngine, tokenizer: GuardTokenizer) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        if tokenizer.vocab_size > engine.config.vocab_size:
+            raise InvalidInput(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {engine.config.vocab_size}"
+            )
+
+    def render(self, messages: Sequence[dict[str, Any] | Message]) -> RenderedPrompt:
+        return self.tokenizer.render_prompt(parse_messages(messages))
+
+    def open(
+        self,
+        *,
+        messages: Sequence[dict[str, Any] | Message] | None = None,
+        prompt_ids: Sequence[int] | None = None,
+        rules: VerdictRules | None = None,
+        session_id: str | None = None,
+    ) -> ModeratedStream:
+        """Open with a conversation ending in a user turn, or with prompt ids ending in ``<|im_end|>``.
+
+        With messages, the assistant preamble of the template (``<|im_start|>assistant`` and the
+        empty think block) is cached after the prompt, so the response ids fed next are exactly
+        what the generator emits. With ids, every token after the prompt is the caller's.
+        """
+        if (messages is None) == (prompt_ids is None):
+            raise InvalidInput("open a stream with either messages or prompt token ids, not both or neither")
+        if messages is not None:
+            rendered = self.render(messages)
+        else:
+            ids = tuple(prompt_ids)
+            if not ids or ids[-1] != self.tokenizer.im_end_id:
+                raise InvalidInput(
+                    "prompt token ids must end with the <|im_end|> token "
+                    f"(id {self.tokenizer.im_end_id}) that closes the last user turn"
+                )
+            rendered = RenderedPrompt(ids, ())
+        session, prompt = self.engine.open_session(rendered.prompt_ids, rendered.preamble_ids, session_id=session_id)
+        return ModeratedStream(self, session, prompt, rules or VerdictRules())

@@ -1,0 +1,90 @@
+"""One call from a model spec (``demo`` or a checkpoint directory) to a ready moderator."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from guard.checkpoint import LoadedGuard, load_stream_guard
+from guard.conversation import GuardTokenizer
+from guard.engine import EngineLimits, StepStats, StreamEngine
+from guard.moderation import StreamModerator
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_model(spec: str) -> Path:
+    """``demo`` -> the cached demo checkpoint (built on first use); anything else is a directory."""
+    if spec == "demo":
+        from guard.demo import demo_checkpoint_dir
+
+        return demo_checkpoint_dir()
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"model {spec!r} is neither 'demo' nor a checkpoint directory")
+    return path
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not one of {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class GuardRuntime:
+    guard: LoadedGuard
+    tokenizer: GuardTokenizer
+    engine: StreamEngine
+    moderator: StreamModerator
+
+    @property
+    def is_demo(self) -> bool:
+        return self.guard.config.is_demo
+
+    @property
+    def description(self) -> str:
+        cfg = self.guard.config
+        text = (
+            f"{self.guard.path.name}: Qwen3Guard-Stream, {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+            f"risk labels {list(cfg.response_risk.labels.names)}"
+        )
+        if cfg.is_demo:
+            text += f" -- {cfg.demo.get('notice', 'DEMO MODEL, not a safety model')}"
+        return text
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+def load_runtime(
+    model: str = "demo",
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    limits: EngineLimits | None = None,
+    on_step: Callable[[StepStats], None] | None = None,
+) -> GuardRuntime:
+    path = resolve_model(model)
+    guard = load_stream_guard(path, device=device, dtype=parse_dtype(dtype))
+    tokenizer = GuardTokenizer.from_dir(path)
+    engine = StreamEngine(guard, limits, on_step=on_step)
+    runtime = GuardRuntime(guard, tokenizer, engine, StreamModerator(engine, tokenizer))
+    if guard.config.is_demo:
+        log.warning("event=demo_model notice=%r", guard.config.demo.get("notice"))
+    log.info("event=model_loaded path=%s device=%s dtype=%s", path, device, dtype)
+    return runtime

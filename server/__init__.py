@@ -1,0 +1,1 @@
+"""Entry points: the CLI now, the gRPC services next. Holds no tensor math."""

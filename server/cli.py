@@ -1,0 +1,200 @@
+"""The ``guard`` command line: moderate a conversation, build or show the demo model.
+
+``guard moderate --json`` output is a stable, scripted-against format:
+``{"model": {...}, "prompt": {risk, probs, category, category_probs}, "tokens": [{id, text, risk,
+probs, category, category_probs, counts_unsafe}, ...], "interrupt_index": int|null,
+"unsafe_span_start": int|null, "rules": {...}}``. Labels are the checkpoint's own strings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from guard.errors import EngineError
+
+EXIT_USAGE = 2
+
+
+def _verdict_json(v) -> dict[str, Any]:
+    return {"risk": v.risk_label, "probs": v.risk_probs, "category": v.category, "category_probs": v.category_probs}
+
+
+def _read_input(args) -> tuple[list[Any] | None, dict[str, Any] | None]:
+    """Read and shape-check the input file before the model loads: (messages, ids)."""
+    from guard.conversation import Message, parse_messages
+
+    if args.ids:
+        data = json.loads(Path(args.ids).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("prompt"), list):
+            raise EngineError(f'{args.ids}: expected a JSON object {{"prompt": [ids...], "response": [ids...]}}')
+        if not isinstance(data.get("response", []), list):
+            raise EngineError(f"{args.ids}: `response` must be a list of token ids")
+        return None, data
+    if args.messages:
+        raw = json.loads(Path(args.messages).read_text())
+        if isinstance(raw, dict):
+            raw = raw.get("messages")
+        if not isinstance(raw, list):
+            raise EngineError(f'{args.messages}: expected a JSON list of messages or {{"messages": [...]}}')
+        return parse_messages(raw), None
+    return [Message("user", args.prompt), Message("assistant", args.text)], None
+
+
+def _open_arguments(messages, ids, tokenizer) -> tuple[dict[str, Any], list[int] | None]:
+    """-> (open kwargs, response ids or None when only the prompt is judged)."""
+    if ids is not None:
+        return {"prompt_ids": ids["prompt"]}, list(ids.get("response") or [])
+    if messages[-1].role == "user":
+        return {"messages": messages}, None
+    _, response = tokenizer.split_response(messages)
+    return {"messages": messages[:-1]}, response
+
+
+def cmd_moderate(args) -> int:
+    from guard.runtime import load_runtime
+    from guard.verdict import ControversialMode, VerdictRules
+
+    rules = VerdictRules(
+        debounce=args.debounce, controversial=ControversialMode.LOOSE if args.loose else ControversialMode.STRICT
+    )
+    messages, ids = _read_input(args)
+    runtime = load_runtime(args.model, device=args.device, dtype=args.dtype)
+    try:
+        open_kwargs, response = _open_arguments(messages, ids, runtime.tokenizer)
+        stream = runtime.moderator.open(rules=rules, **open_kwargs)
+        prompt = stream.prompt.result()
+        chunk = stream.feed_ids(response).result() if response else None
+        stream.close()
+    finally:
+        runtime.close()
+    tokens = chunk.tokens if chunk else ()
+    decode = runtime.tokenizer.decode_token
+    cfg = runtime.guard.config
+    if args.json:
+        out = {
+            "model": {
+                "path": str(runtime.guard.path),
+                "demo": cfg.is_demo,
+                **({"notice": cfg.demo.get("notice")} if cfg.is_demo else {}),
+            },
+            "rules": {"debounce": rules.debounce, "controversial": rules.controversial.value},
+            "prompt": _verdict_json(prompt.verdict),
+            "tokens": [
+                {
+                    "id": t.token_id,
+                    "text": decode(t.token_id),
+                    **_verdict_json(t.verdict),
+                    "counts_unsafe": t.counts_unsafe,
+                }
+                for t in tokens
+            ],
+            "interrupt_index": chunk.flag_index if chunk else None,
+            "unsafe_span_start": chunk.span_start if chunk else None,
+        }
+        json.dump(out, sys.stdout, ensure_ascii=False, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"model: {runtime.description}")
+    pv = prompt.verdict
+    print(
+        f"prompt: {pv.risk_label} (p={pv.risk_probability:.3f})" + (f" category={pv.category}" if pv.category else "")
+    )
+    if not tokens:
+        return 0
+    print(f"{'idx':>4} {'id':>7}  {'text':<16} {'risk':<14} {'p':>6}  category")
+    for t in tokens:
+        v = t.verdict
+        mark = "  <- interrupt" if t.index == chunk.flag_index else ""
+        print(
+            f"{t.index:>4} {t.token_id:>7}  {json.dumps(decode(t.token_id), ensure_ascii=False)[:16]:<16} "
+            f"{v.risk_label:<14} {v.risk_probability:>6.3f}  {v.category or '-'}{mark}"
+        )
+    if chunk.flag_index is None:
+        print("response: no interrupt")
+    else:
+        print(f"response: interrupted at token {chunk.flag_index} (unsafe run from token {chunk.span_start})")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Build (if needed) the demo model and moderate the showcase conversations."""
+    from guard.conversation import Message
+    from guard.demo import demo_checkpoint_dir
+    from guard.demo_corpus import SHOWCASE
+    from guard.runtime import load_runtime
+
+    path = demo_checkpoint_dir(rebuild=args.rebuild)
+    if args.build_only:
+        print(path)
+        return 0
+    runtime = load_runtime(str(path))
+    try:
+        print(f"model: {runtime.description}\n")
+        for ex in SHOWCASE:
+            _, response = runtime.tokenizer.split_response(
+                [Message("user", ex.prompt), Message("assistant", ex.response)]
+            )
+            stream = runtime.moderator.open(messages=[Message("user", ex.prompt)])
+            prompt = stream.prompt.result().verdict
+            chunk = stream.feed_ids(response).result()
+            stream.close()
+            shown = runtime.tokenizer.hf.decode(
+                response[: chunk.flag_index + 1] if chunk.flag_index is not None else response, skip_special_tokens=True
+            )
+            print(f"user:      {ex.prompt}")
+            print(f"  prompt:  {prompt.risk_label}" + (f" ({prompt.category})" if prompt.category else ""))
+            if chunk.flag_index is None:
+                print(f"  response passed: {shown}\n")
+            else:
+                category = chunk.tokens[chunk.flag_index].verdict.category
+                print(f"  response INTERRUPTED at token {chunk.flag_index} ({category}): {shown} [...]\n")
+    finally:
+        runtime.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guard", description="Streaming Qwen3Guard safety sidecar")
+    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mod = sub.add_parser("moderate", help="judge a conversation token by token")
+    mod.add_argument("--model", default="demo", help="checkpoint directory, or 'demo' (default)")
+    src = mod.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="assistant response text to moderate (after --prompt)")
+    src.add_argument("--messages", help="JSON file: list of {role, content}; ends with the assistant turn to judge")
+    src.add_argument("--ids", help='JSON file: {"prompt": [...ids ending with <|im_end|>], "response": [...]}')
+    mod.add_argument("--prompt", default="Hello", help="user prompt for --text (default 'Hello')")
+    mod.add_argument("--json", action="store_true", help="print one JSON object")
+    mod.add_argument("--debounce", type=int, default=2, help="consecutive non-safe tokens that flag (default 2)")
+    mod.add_argument("--loose", action="store_true", help="count Controversial as safe (default: strict)")
+    mod.add_argument("--device", default="cpu")
+    mod.add_argument("--dtype", default="float32")
+    mod.set_defaults(func=cmd_moderate)
+
+    demo = sub.add_parser("demo", help="build the demo model and moderate the showcase conversations")
+    demo.add_argument("--rebuild", action="store_true", help="retrain the demo model")
+    demo.add_argument("--build-only", action="store_true", help="only build; print the checkpoint path")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    try:
+        return args.func(args)
+    except (EngineError, ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+        print(f"guard: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

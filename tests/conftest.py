@@ -1,0 +1,111 @@
+"""Shared fixtures: real tokenizer, checkpoints on disk in the official layout, the demo model.
+
+Everything expensive is built once per session and cached under ``.cache/`` in the repo (the
+tests own that folder; ``GUARD_CACHE_DIR`` overrides it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("GUARD_CACHE_DIR", str(REPO / ".cache"))
+
+from guard.checkpoint_writer import write_random_checkpoint  # noqa: E402
+
+# Shapes the fixtures write: tied/untied embeddings, GQA and MHA, sharded weights, long label names.
+CHECKPOINT_SHAPES = {
+    "tied-gqa": dict(shape="tiny", seed=1),
+    "untied-mha-sharded": dict(
+        shape=dict(
+            hidden_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=3,
+            num_key_value_heads=3,
+            head_dim=16,
+            intermediate_size=96,
+            tie_word_embeddings=False,
+            guard_inner_size=24,
+        ),
+        seed=2,
+        shards=3,
+    ),
+    "long-labels": dict(
+        shape=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=32,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+            guard_inner_size=16,
+            response_categories=(
+                "Violent",
+                "Sexual Content or Sexual Acts",
+                "Suicide & Self-Harm",
+                "Politically Sensitive Topics",
+                "PII",
+                "Copyright Violation",
+                "Non-violent Illegal Acts",
+                "Unethical Acts",
+            ),
+            query_categories=(
+                "Violent",
+                "Sexual Content or Sexual Acts",
+                "Suicide & Self-Harm",
+                "Politically Sensitive Topics",
+                "PII",
+                "Copyright Violation",
+                "Non-violent Illegal Acts",
+                "Unethical Acts",
+                "Jailbreak",
+            ),
+        ),
+        seed=3,
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    from guard.offline_tokenizer import cached_qwen3_tokenizer_dir
+
+    return cached_qwen3_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def guard_tokenizer(tokenizer_dir):
+    from guard.conversation import GuardTokenizer
+
+    return GuardTokenizer.from_dir(tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {name: write_random_checkpoint(root / name, **spec) for name, spec in CHECKPOINT_SHAPES.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(checkpoints) -> Path:
+    return checkpoints["tied-gqa"]
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    from guard.demo import demo_checkpoint_dir
+
+    return demo_checkpoint_dir()
+
+
+@pytest.fixture(scope="session")
+def demo_runtime(demo_dir):
+    from guard.runtime import load_runtime
+
+    runtime = load_runtime(str(demo_dir))
+    yield runtime
+    runtime.close()
