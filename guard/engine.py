@@ -232,16 +232,18 @@ class StreamEngine:
                     f"the limit is {self.limits.max_tokens_per_session} per session"
                 )
             if not ids:
-                future.set_result(self._empty_scores(session.response_tokens))
-                return future
-            if self._queued >= self.limits.max_queued_chunks:
+                empty = self._empty_scores(session.response_tokens)
+            elif self._queued >= self.limits.max_queued_chunks:
                 raise LimitExceeded(f"{self._queued} chunks are queued, the configured maximum")
-            work = _Work(WorkKind.RESPONSE, ids, future, first_index=session.response_tokens)
-            session.accepted += len(ids)
-            session.response_tokens += len(ids)
-            session.queue.append(work)
-            self._queued += 1
-            self._mark_ready(session)
+            else:
+                work = _Work(WorkKind.RESPONSE, ids, future, first_index=session.response_tokens)
+                session.accepted += len(ids)
+                session.response_tokens += len(ids)
+                session.queue.append(work)
+                self._queued += 1
+                self._mark_ready(session)
+                return future
+        future.set_result(empty)  # outside the lock: callbacks may call back into the engine
         return future
 
     def close(self, session: EngineSession, reason: str = "closed") -> None:

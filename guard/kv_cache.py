@@ -34,36 +34,37 @@ class StepLayout:
     def __init__(self, rows: list[StepRow], device: torch.device) -> None:
         self.rows = rows
         self.batch = len(rows)
-        lengths = [r.length for r in rows]
-        self.max_new = max(lengths)
+        self.max_new = max(r.length for r in rows)
         self.key_len = max(r.start + r.length for r in rows)
-        row_idx = torch.repeat_interleave(torch.arange(self.batch), torch.tensor(lengths))
-        col_idx = torch.cat([torch.arange(n) for n in lengths])
-        starts = torch.tensor([r.start for r in rows])
-        slots = torch.tensor([r.slot for r in rows])
-        self.positions = (starts[row_idx] + col_idx).to(device)  # [N] absolute positions
-        self.slot_of_token = slots[row_idx].to(device)  # [N]
-        self.row_idx = row_idx.to(device)
-        self.col_idx = col_idx.to(device)
+        # Index lists are built in Python (a few hundred ints) and turned into tensors once:
+        # on the per-token path this is cheaper than composing them from small tensor ops.
+        row_idx, col_idx, positions, slot_of_token = [], [], [], []
+        for b, r in enumerate(rows):
+            row_idx += [b] * r.length
+            col_idx += range(r.length)
+            positions += range(r.start, r.start + r.length)
+            slot_of_token += [r.slot] * r.length
+        self.positions = torch.tensor(positions, device=device)  # [N] absolute positions
+        self.slot_of_token = torch.tensor(slot_of_token, device=device)  # [N]
+        self.row_idx = torch.tensor(row_idx, device=device)
+        self.col_idx = torch.tensor(col_idx, device=device)
         first = rows[0].slot
         contiguous = all(r.slot == first + i for i, r in enumerate(rows))
         self.slot_range = slice(first, first + self.batch) if contiguous else None
-        self.slots = slots.to(device)
-        self.mask = self._attention_mask(starts, torch.tensor(lengths), device)
+        self.slots = torch.tensor([r.slot for r in rows], device=device)
+        self.mask = self._attention_mask(device)
         self._grouped: dict[int, torch.Tensor] = {}
 
-    def _attention_mask(self, starts: torch.Tensor, lengths: torch.Tensor, device: torch.device):
+    def _attention_mask(self, device: torch.device) -> torch.Tensor | None:
         """Bool ``[B, 1, T_max, key_len]`` (True = attend), or None when nothing needs masking."""
         if self.max_new == 1 and all(r.start + 1 == self.key_len for r in self.rows):
             return None  # one token per row, all at the same length: every cached key is visible
-        t = torch.arange(self.max_new)
-        j = torch.arange(self.key_len)
+        starts = torch.tensor([r.start for r in self.rows], device=device)
+        t = torch.arange(self.max_new, device=device)
+        j = torch.arange(self.key_len, device=device)
         limit = starts[:, None] + t[None, :]  # [B, T] last visible key per query
-        mask = j[None, None, :] <= limit[:, :, None]  # [B, T, K]
-        padded = t[None, :] >= lengths[:, None]  # [B, T] padding queries
-        mask[padded] = False
-        mask[..., 0] |= padded  # padding rows attend to key 0 so softmax stays finite
-        return mask[:, None].to(device)
+        # Padding queries (t >= length) see stale but finite keys; their outputs are dropped.
+        return (j[None, None, :] <= limit[:, :, None])[:, None]  # [B, 1, T, K]
 
     def grouped_mask(self, group: int) -> torch.Tensor | None:
         """The mask for ``group`` query heads per KV head stacked as rows: ``[B, 1, group*T_max, key_len]``."""
@@ -195,6 +196,11 @@ class KVCachePool:
 
     def write(self, layer: int, layout: StepLayout, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new keys/values ``[N, kv_heads, D]`` at their slots and positions."""
+        if layout.batch == 1:  # one row: a plain slice copy
+            r = layout.rows[0]
+            self.k[layer, r.slot, :, r.start : r.start + r.length] = k.transpose(0, 1)
+            self.v[layer, r.slot, :, r.start : r.start + r.length] = v.transpose(0, 1)
+            return
         self.k[layer][layout.slot_of_token, :, layout.positions] = k
         self.v[layer][layout.slot_of_token, :, layout.positions] = v
 
