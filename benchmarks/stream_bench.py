@@ -32,8 +32,8 @@ from guard.runtime import parse_dtype, resolve_model
 
 
 def model_path(spec: str) -> Path:
-    """``demo``, a shape name from SHAPES (random weights, cached), or a checkpoint directory."""
-    if spec in SHAPES:
+    """``demo`` (the trained demo), a shape name from SHAPES (random weights, cached), or a directory."""
+    if spec != "demo" and spec in SHAPES:
         target = cache_dir() / f"bench-random-{spec}"
         if not (target / "config.json").exists():
             print(f"writing a random {spec} checkpoint to {target} ...", file=sys.stderr)

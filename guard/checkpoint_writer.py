@@ -53,6 +53,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
         guard_inner_size=512,
     ),
+    # The built-in demo model (guard.demo): small enough to train in seconds.
+    "demo": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        tie_word_embeddings=True,
+        guard_inner_size=64,
+    ),
     "tiny": dict(
         hidden_size=64,
         num_hidden_layers=2,

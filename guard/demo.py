@@ -31,16 +31,6 @@ log = logging.getLogger(__name__)
 
 DEMO_VERSION = "stream-demo-v2"
 DEMO_NOTICE = "DEMO MODEL: trained in seconds on a synthetic phrase list; it is not a safety model"
-DEMO_SHAPE = dict(
-    hidden_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=32,
-    intermediate_size=256,
-    guard_inner_size=64,
-    tie_word_embeddings=True,
-)
 
 
 @dataclass(frozen=True)
@@ -103,6 +93,7 @@ def train_demo_checkpoint(out_dir: Path, *, steps: int = 240, seed: int = 0) -> 
     from transformers import Qwen3Config, Qwen3Model
 
     from guard.checkpoint_writer import (
+        SHAPES,
         module_to_official_names,
         random_official_weights,
         stream_guard_config,
@@ -113,7 +104,8 @@ def train_demo_checkpoint(out_dir: Path, *, steps: int = 240, seed: int = 0) -> 
     torch.manual_seed(seed)
     tok_dir = cached_qwen3_tokenizer_dir()
     tok = GuardTokenizer.from_dir(tok_dir)
-    cfg_dict = stream_guard_config(**DEMO_SHAPE, extra={DEMO_MARKER: {"version": DEMO_VERSION, "notice": DEMO_NOTICE}})
+    marker = {DEMO_MARKER: {"version": DEMO_VERSION, "notice": DEMO_NOTICE}}
+    cfg_dict = stream_guard_config(**SHAPES["demo"], extra=marker)
     cfg = StreamGuardConfig.from_dict(cfg_dict)
     backbone = Qwen3Model(Qwen3Config(**cfg_dict))  # extra guard fields are carried, unused
     # Start from the same random weights a fixture would write, then train all but the embedding.

@@ -47,24 +47,8 @@ QWEN3_SPECIAL_TOKENS = (
     "<think>",
     "</think>",
 )
-# Tokens that act as control tokens (special=True); the rest are plain added tokens upstream.
-_CONTROL_TOKENS = {
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# The first 14 are control tokens (special=True); from <tool_call> on they are plain added tokens.
+_CONTROL_TOKENS = frozenset(QWEN3_SPECIAL_TOKENS[:14])
 _VERSION = "qwen3-v1"
 
 
