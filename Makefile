@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install demo test lint bench bench-0.6b clean
+.PHONY: install serve demo test lint proto bench bench-0.6b load-test clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 install: $(BIN)/.installed
+
+## Run the sidecar (gRPC :50051, metrics :9464) with the built-in demo model; Ctrl-C drains and stops.
+serve: install
+	$(BIN)/guard serve --model demo
 
 ## Build the demo model (cached) and moderate the showcase conversations.
 demo: install
@@ -28,6 +32,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+## Regenerate the gRPC code from proto/ (a test fails when it is stale).
+proto: install
+	$(BIN)/python -m server.codegen
+
 ## Stream-engine benchmark on the demo model; results in benchmarks/results/.
 bench: install
 	$(BIN)/python benchmarks/stream_bench.py --model demo --json benchmarks/results/demo-cpu.json
@@ -36,6 +44,10 @@ bench-0.6b: install
 	$(BIN)/python benchmarks/stream_bench.py --model 0.6B --contexts 128,512,1024,2048,4096 \
 	  --naive-contexts 128,512,2048 --tokens 8 --naive-reps 1 --streams 1,4,16 --chunks 1,8 \
 	  --tokens-per-stream 8 --json benchmarks/results/0.6B-cpu.json
+
+## N = 1, 16, 64 concurrent Moderate streams against a sidecar it starts (loopback).
+load-test: install
+	$(BIN)/python benchmarks/load_test.py --json benchmarks/results/load-demo-cpu.json
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

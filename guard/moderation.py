@@ -32,6 +32,7 @@ class ChunkVerdict:
     flag_index: int | None  # response index at which the debounce rule fired (this or an earlier chunk)
     span_start: int | None  # first token of the non-safe run that fired it
     newly_flagged: bool  # the rule fired inside this chunk
+    unsafe_run: int  # non-safe tokens at the end of this chunk still pending the rule (snapshot)
     queue_s: float
     compute_s: float
 
@@ -68,6 +69,8 @@ class ModeratedStream:
         self._tracker = DebounceTracker(rules)
         self._text: IncrementalTokenizer | None = None
         self._fed_ids = False
+        self.last_submitted_ids: list[int] = []  # ids of the latest feed (text: what the tokenizer released)
+        self.flag_category: str | None = None  # category of the token at which the rule fired
         cfg = self._engine.config
         self.prompt: Future[PromptVerdict] = _chain(
             prompt,
@@ -104,6 +107,11 @@ class ModeratedStream:
     def pending_text(self) -> str:
         return self._text.pending_text if self._text is not None else ""
 
+    @property
+    def text_mode(self) -> bool:
+        """True once text deltas were fed (the stream then needs ``end_text`` at the end)."""
+        return self._text is not None
+
     def close(self, reason: str = "closed") -> None:
         self._engine.close(self.session, reason)
 
@@ -115,7 +123,9 @@ class ModeratedStream:
         return self._text
 
     def _submit(self, ids: Sequence[int]) -> Future[ChunkVerdict]:
-        return _chain(self._engine.submit(self.session, ids), self._judge)
+        future = _chain(self._engine.submit(self.session, ids), self._judge)
+        self.last_submitted_ids = list(ids)
+        return future
 
     def _judge(self, scores: ChunkScores) -> ChunkVerdict:
         """Runs in chunk order (one worker resolves a session's chunks FIFO)."""
@@ -127,10 +137,12 @@ class ModeratedStream:
         for i, (tid, verdict) in enumerate(zip(scores.token_ids, verdicts, strict=True)):
             unsafe = self.rules.counts_as_unsafe(verdict.risk)
             index = scores.first_index + i
-            fired |= tracker.observe(index, unsafe)
+            if tracker.observe(index, unsafe):
+                fired = True
+                self.flag_category = verdict.category
             tokens.append(TokenVerdict(index, tid, verdict, unsafe))
         return ChunkVerdict(
-            tuple(tokens), tracker.flag_index, tracker.span_start, fired, scores.queue_s, scores.compute_s
+            tuple(tokens), tracker.flag_index, tracker.span_start, fired, tracker.run, scores.queue_s, scores.compute_s
         )
 
 

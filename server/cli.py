@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from guard.errors import EngineError
+from server.settings import add_serve_arguments
 
 EXIT_USAGE = 2
 
@@ -158,9 +159,22 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Run the sidecar until SIGTERM; settings from flags, then GUARD_* environment variables."""
+    import asyncio
+
+    from server.app import serve
+    from server.settings import settings_from
+
+    settings = settings_from(args)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    logging.getLogger(__name__).info("event=settings %s", settings.describe())
+    return asyncio.run(serve(settings))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Streaming Qwen3Guard safety sidecar")
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
+    parser.add_argument("--log-level", default="WARNING", help="logging level for commands other than serve")
     sub = parser.add_subparsers(dest="command", required=True)
 
     mod = sub.add_parser("moderate", help="judge a conversation token by token")
@@ -177,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     mod.add_argument("--dtype", default="float32")
     mod.set_defaults(func=cmd_moderate)
 
+    serve = sub.add_parser("serve", help="run the gRPC sidecar (StreamGuard, health, reflection, metrics)")
+    add_serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
     demo = sub.add_parser("demo", help="build the demo model and moderate the showcase conversations")
     demo.add_argument("--rebuild", action="store_true", help="retrain the demo model")
     demo.add_argument("--build-only", action="store_true", help="only build; print the checkpoint path")
@@ -187,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+        level=(args.log_level or "WARNING").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
     )
     try:
         return args.func(args)

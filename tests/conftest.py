@@ -109,3 +109,12 @@ def demo_runtime(demo_dir):
     runtime = load_runtime(str(demo_dir))
     yield runtime
     runtime.close()
+
+
+@pytest.fixture(scope="session")
+def sidecar(demo_dir):
+    """The sidecar with the demo model on a loopback port (real gRPC, real engine)."""
+    from servers import running_sidecar
+
+    with running_sidecar(model=str(demo_dir), max_chunk_tokens=64, max_text_chars=256) as running:
+        yield running

@@ -1,0 +1,93 @@
+"""What may be shown to the user, and when: release modes over the verdicts of a stream.
+
+HOLD_BACK releases a token only once it is judged and is not part of a run of non-safe tokens
+that could still trigger the interrupt rule; a run that ends without firing is released (the
+debounce rule judged it safe). OPTIMISTIC releases everything on arrival and only reports the
+interrupt. Released text comes from decoding the released ids, holding back an incomplete
+UTF-8 character until its last byte arrives.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+class ReleaseMode(enum.Enum):
+    HOLD_BACK = "hold_back"
+    OPTIMISTIC = "optimistic"
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text out; decoding only the ids since the last complete character."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._hf = hf_tokenizer
+        self._pending: list[int] = []
+
+    def push(self, ids: list[int]) -> str:
+        self._pending += ids
+        if not self._pending:
+            return ""
+        text = self._hf.decode(self._pending, clean_up_tokenization_spaces=False)
+        if text.endswith(REPLACEMENT):  # a multi-byte character is not complete yet
+            return ""
+        self._pending = []
+        return text
+
+    def flush(self) -> str:
+        text = self._hf.decode(self._pending, clean_up_tokenization_spaces=False) if self._pending else ""
+        self._pending = []
+        return text
+
+
+class ReleaseTracker:
+    """Cumulative released tokens and text of one stream."""
+
+    def __init__(self, mode: ReleaseMode, hf_tokenizer: Any) -> None:
+        self.mode = mode
+        self._hf = hf_tokenizer
+        self._detok = IncrementalDetokenizer(hf_tokenizer)
+        self._ids: list[int] = []  # response ids in order (judged or received)
+        self.released = 0
+        self.released_chars = 0
+
+    def received_text(self) -> str:
+        """The whole response received so far (for operator-enabled content logging only)."""
+        return self._hf.decode(self._ids, clean_up_tokenization_spaces=False)
+
+    @property
+    def received(self) -> int:
+        return len(self._ids)
+
+    def receive(self, ids: list[int], text: str | None = None) -> str:
+        """New response tokens arrived (before judging). OPTIMISTIC releases them now."""
+        self._ids += ids
+        if self.mode is ReleaseMode.OPTIMISTIC:
+            return self._release_to(len(self._ids), text)
+        return ""
+
+    def judged(self, judged: int, unsafe_run: int, span_start: int | None) -> str:
+        """After a verdict: release what HOLD_BACK now allows; return the newly released text."""
+        if self.mode is ReleaseMode.OPTIMISTIC:
+            return ""
+        upto = span_start if span_start is not None else judged - unsafe_run
+        return self._release_to(upto, None)
+
+    def finish(self, interrupted: bool) -> str:
+        """End of stream: without an interrupt, an unfinished non-safe run is released too."""
+        text = "" if interrupted else self._release_to(len(self._ids), None)
+        tail = "" if interrupted and self.mode is ReleaseMode.HOLD_BACK else self._detok.flush()
+        self.released_chars += len(tail)
+        return text + tail
+
+    def _release_to(self, upto: int, text: str | None) -> str:
+        if upto <= self.released:
+            return ""
+        new_ids = self._ids[self.released : upto]
+        self.released = upto
+        out = text if text is not None else self._detok.push(new_ids)  # text streams echo their own text
+        self.released_chars += len(out)
+        return out

@@ -1,0 +1,115 @@
+"""Build and run the sidecar: grpc.aio server, services, health, reflection, metrics, drain.
+
+Start-up order: listen with health NOT_SERVING, load the model in a worker thread (RPCs get
+UNAVAILABLE meanwhile), then SERVING. On SIGTERM/SIGINT: health NOT_SERVING, new streams get
+UNAVAILABLE, open streams may finish within the grace period, then the engine stops; exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from guard.runtime import load_runtime
+from server.metrics import Metrics, MetricsInterceptor
+from server.qwen3guard.v1 import guard_pb2, guard_pb2_grpc
+from server.settings import ServeSettings
+from server.stream_guard import RuntimeHolder, StreamGuardService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (guard_pb2.DESCRIPTOR.services_by_name["StreamGuard"].full_name,)
+
+
+@dataclass
+class Sidecar:
+    server: grpc.aio.Server
+    port: int
+    holder: RuntimeHolder
+    health: health.aio.HealthServicer
+    metrics: Metrics
+    settings: ServeSettings
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def load(self) -> None:
+        """Load the model off the event loop, then report SERVING."""
+        s = self.settings
+        runtime = await asyncio.to_thread(
+            load_runtime,
+            s.model,
+            device=s.device,
+            dtype=s.dtype,
+            limits=s.engine_limits(),
+            on_step=self.metrics.on_step,
+        )
+        self.holder.runtime = runtime
+        log.info("event=ready model=%r demo=%s", runtime.description, runtime.is_demo)
+        await self.set_serving(True)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Stop accepting, let open streams finish within the grace period, stop the engine."""
+        grace = self.settings.grace_period_s if grace is None else grace
+        log.info("event=draining grace_s=%s", grace)
+        self.holder.draining = True
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        if self.holder.runtime is not None:
+            await asyncio.to_thread(self.holder.runtime.close)
+        log.info("event=stopped")
+
+
+async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sidecar:
+    """Start listening (health NOT_SERVING) and, if ``load``, load the model."""
+    metrics = Metrics()
+    server = grpc.aio.server(
+        interceptors=[MetricsInterceptor(metrics)],
+        options=[("grpc.max_receive_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
+    )
+    holder = RuntimeHolder()
+    guard_pb2_grpc.add_StreamGuardServicer_to_server(StreamGuardService(holder, settings, metrics), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(settings.address)
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.address}")
+    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings)
+    await sidecar.set_serving(False)
+    await server.start()
+    log.info("event=listening address=%s port=%d", settings.address, port)
+    if load:
+        await sidecar.load()
+    return sidecar
+
+
+async def serve(settings: ServeSettings) -> int:
+    """Run until SIGTERM/SIGINT, then drain; the process exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sidecar = await start_sidecar(settings, load=False)
+    if settings.metrics_port:
+        sidecar.metrics.serve_http(settings.metrics_port)
+        log.info("event=metrics port=%d", settings.metrics_port)
+    loader = asyncio.create_task(sidecar.load())
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if loader in done and loader.exception() is not None:
+        log.error("event=load_failed error=%s", loader.exception())
+        await sidecar.drain(0)
+        return 1
+    await stop.wait()
+    loader.cancel()
+    await sidecar.drain()
+    return 0

@@ -1,0 +1,191 @@
+"""Prometheus metrics: the standard gRPC server metrics from our own aio interceptor, and the
+guard's own (chunk latency, tokens judged, verdicts, actions, interrupts, sessions, batching).
+
+Names follow go-grpc-prometheus / py-grpc-prometheus so existing dashboards work. Labels never
+carry request ids or text. Each server gets its own registry (tests run several in one process).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from guard.engine import StepStats
+
+# Milliseconds matter on the per-token path; prometheus' defaults start at 5 ms.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        grpc_labels = ("grpc_type", "grpc_service", "grpc_method")
+        self.started = Counter("grpc_server_started_total", "RPCs started on the server.", grpc_labels, registry=r)
+        self.handled = Counter(
+            "grpc_server_handled_total", "RPCs completed on the server.", (*grpc_labels, "grpc_code"), registry=r
+        )
+        self.handling = Histogram(
+            "grpc_server_handling_seconds", "RPC handling time.", grpc_labels, buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.msg_received = Counter(
+            "grpc_server_msg_received_total", "Stream messages received.", grpc_labels, registry=r
+        )
+        self.msg_sent = Counter("grpc_server_msg_sent_total", "Stream messages sent.", grpc_labels, registry=r)
+
+        self.chunk_seconds = Histogram(
+            "guard_chunk_classify_seconds",
+            "Chunk submitted to verdict, engine side.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "guard_queue_wait_seconds",
+            "Chunk wait before its first forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "guard_step_seconds", "One batched forward pass.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_rows = Histogram(
+            "guard_batch_sessions", "Sessions batched in one forward pass.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "guard_batch_tokens", "Tokens in one forward pass.", buckets=(1, 4, 16, 64, 256, 1024, 4096), registry=r
+        )
+        self.tokens = Counter("guard_tokens_judged_total", "Response tokens judged.", registry=r)
+        self.verdicts = Counter(
+            "guard_verdicts_total", "Verdicts by stage, risk and category.", ("stage", "risk", "category"), registry=r
+        )
+        self.actions = Counter(
+            "guard_actions_total",
+            "Actions by stage, action and category.",
+            ("stage", "action", "category"),
+            registry=r,
+        )
+        self.interrupts = Counter(
+            "guard_stream_interruptions_total", "Responses interrupted, by category.", ("category",), registry=r
+        )
+        self.live_sessions = Gauge("guard_live_sessions", "Moderation sessions open now.", registry=r)
+        self.kv_cache_bytes = Gauge("guard_kv_cache_bytes", "KV cache memory held.", registry=r)
+        self.errors = Counter(
+            "guard_stream_errors_total", "Streams ended by an error, by gRPC code.", ("code",), registry=r
+        )
+
+    def on_step(self, stats: StepStats) -> None:
+        """Engine hook, called on the engine thread after each forward pass."""
+        self.step_seconds.observe(stats.compute_s)
+        self.batch_rows.observe(stats.rows)
+        self.batch_tokens.observe(stats.tokens)
+        self.kv_cache_bytes.set(stats.kv_bytes)
+
+    def serve_http(self, port: int) -> Any:
+        server, _thread = start_http_server(port, registry=self.registry)
+        return server
+
+
+def _split_method(full: str) -> tuple[str, str]:
+    _, service, method = full.split("/", 2)
+    return service, method
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """grpc.aio server interceptor recording the standard gRPC server metrics."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.m = metrics
+
+    async def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = _split_method(handler_call_details.method)
+        if handler.request_streaming and handler.response_streaming:
+            kind, behavior = "bidi_stream", handler.stream_stream
+        elif handler.request_streaming:
+            kind, behavior = "client_stream", handler.stream_unary
+        elif handler.response_streaming:
+            kind, behavior = "server_stream", handler.unary_stream
+        else:
+            kind, behavior = "unary", handler.unary_unary
+        if not (inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)):
+            return handler  # synchronous handlers are not wrapped (none are registered here)
+        labels = (kind, service, method)
+        m = self.m
+
+        def finish(context: grpc.aio.ServicerContext, started: float, error: BaseException | None) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
+            if isinstance(error, Exception) and type(error).__name__ == "CancelledError":
+                code = grpc.StatusCode.CANCELLED
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            m.handled.labels(*labels, name).inc()
+            m.handling.labels(*labels).observe(time.perf_counter() - started)
+
+        async def count_requests(iterator: AsyncIterator) -> AsyncIterator:
+            async for item in iterator:
+                m.msg_received.labels(*labels).inc()
+                yield item
+
+        if handler.response_streaming:
+
+            async def streaming(request_or_iterator, context):
+                m.started.labels(*labels).inc()
+                started = time.perf_counter()
+                error = None
+                if handler.request_streaming:
+                    request_or_iterator = count_requests(request_or_iterator)
+                else:
+                    m.msg_received.labels(*labels).inc()
+                try:
+                    async for response in behavior(request_or_iterator, context):
+                        m.msg_sent.labels(*labels).inc()
+                        yield response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    finish(context, started, error)
+
+            wrapped = streaming
+        else:
+
+            async def unary(request_or_iterator, context):
+                m.started.labels(*labels).inc()
+                started = time.perf_counter()
+                error = None
+                if handler.request_streaming:
+                    request_or_iterator = count_requests(request_or_iterator)
+                else:
+                    m.msg_received.labels(*labels).inc()
+                try:
+                    response = await behavior(request_or_iterator, context)
+                    m.msg_sent.labels(*labels).inc()
+                    return response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    finish(context, started, error)
+
+            wrapped = unary
+
+        factory = {
+            "bidi_stream": grpc.stream_stream_rpc_method_handler,
+            "client_stream": grpc.stream_unary_rpc_method_handler,
+            "server_stream": grpc.unary_stream_rpc_method_handler,
+            "unary": grpc.unary_unary_rpc_method_handler,
+        }[kind]
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,282 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RiskLevel(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RISK_LEVEL_UNSPECIFIED: _ClassVar[RiskLevel]
+    SAFE: _ClassVar[RiskLevel]
+    CONTROVERSIAL: _ClassVar[RiskLevel]
+    UNSAFE: _ClassVar[RiskLevel]
+
+class Action(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACTION_UNSPECIFIED: _ClassVar[Action]
+    CONTINUE: _ClassVar[Action]
+    FLAG: _ClassVar[Action]
+    REDACT: _ClassVar[Action]
+    INTERRUPT: _ClassVar[Action]
+    ALLOW: _ClassVar[Action]
+    BLOCK: _ClassVar[Action]
+
+class ReleaseMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RELEASE_MODE_UNSPECIFIED: _ClassVar[ReleaseMode]
+    HOLD_BACK: _ClassVar[ReleaseMode]
+    OPTIMISTIC: _ClassVar[ReleaseMode]
+
+class ControversialMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTROVERSIAL_MODE_UNSPECIFIED: _ClassVar[ControversialMode]
+    STRICT: _ClassVar[ControversialMode]
+    LOOSE: _ClassVar[ControversialMode]
+RISK_LEVEL_UNSPECIFIED: RiskLevel
+SAFE: RiskLevel
+CONTROVERSIAL: RiskLevel
+UNSAFE: RiskLevel
+ACTION_UNSPECIFIED: Action
+CONTINUE: Action
+FLAG: Action
+REDACT: Action
+INTERRUPT: Action
+ALLOW: Action
+BLOCK: Action
+RELEASE_MODE_UNSPECIFIED: ReleaseMode
+HOLD_BACK: ReleaseMode
+OPTIMISTIC: ReleaseMode
+CONTROVERSIAL_MODE_UNSPECIFIED: ControversialMode
+STRICT: ControversialMode
+LOOSE: ControversialMode
+
+class ChatMessage(_message.Message):
+    __slots__ = ("role", "content")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    content: str
+    def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
+
+class OpenRequest(_message.Message):
+    __slots__ = ("request_id", "domain", "messages", "prompt_token_ids", "release_mode", "controversial", "debounce", "include_probabilities")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_MODE_FIELD_NUMBER: _ClassVar[int]
+    CONTROVERSIAL_FIELD_NUMBER: _ClassVar[int]
+    DEBOUNCE_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    domain: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    release_mode: ReleaseMode
+    controversial: ControversialMode
+    debounce: int
+    include_probabilities: bool
+    def __init__(self, request_id: _Optional[str] = ..., domain: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., release_mode: _Optional[_Union[ReleaseMode, str]] = ..., controversial: _Optional[_Union[ControversialMode, str]] = ..., debounce: _Optional[int] = ..., include_probabilities: _Optional[bool] = ...) -> None: ...
+
+class ChunkRequest(_message.Message):
+    __slots__ = ("token_ids", "text")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class CloseRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModerateRequest(_message.Message):
+    __slots__ = ("open", "chunk", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: OpenRequest
+    chunk: ChunkRequest
+    close: CloseRequest
+    def __init__(self, open: _Optional[_Union[OpenRequest, _Mapping]] = ..., chunk: _Optional[_Union[ChunkRequest, _Mapping]] = ..., close: _Optional[_Union[CloseRequest, _Mapping]] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("risk", "risk_label", "risk_probability", "category", "risk_probs", "category_probs", "action")
+    class RiskProbsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CategoryProbsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    RISK_LABEL_FIELD_NUMBER: _ClassVar[int]
+    RISK_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    RISK_PROBS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_PROBS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    risk: RiskLevel
+    risk_label: str
+    risk_probability: float
+    category: str
+    risk_probs: _containers.ScalarMap[str, float]
+    category_probs: _containers.ScalarMap[str, float]
+    action: Action
+    def __init__(self, risk: _Optional[_Union[RiskLevel, str]] = ..., risk_label: _Optional[str] = ..., risk_probability: _Optional[float] = ..., category: _Optional[str] = ..., risk_probs: _Optional[_Mapping[str, float]] = ..., category_probs: _Optional[_Mapping[str, float]] = ..., action: _Optional[_Union[Action, str]] = ...) -> None: ...
+
+class TokenVerdict(_message.Message):
+    __slots__ = ("index", "token_id", "verdict")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    token_id: int
+    verdict: Verdict
+    def __init__(self, index: _Optional[int] = ..., token_id: _Optional[int] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("queue_ms", "compute_ms")
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
+    queue_ms: float
+    compute_ms: float
+    def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
+
+class PromptVerdict(_message.Message):
+    __slots__ = ("verdict", "prompt_tokens", "timing")
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    verdict: Verdict
+    prompt_tokens: int
+    timing: Timing
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class ChunkVerdict(_message.Message):
+    __slots__ = ("tokens", "action", "released", "released_text", "released_chars", "first_unsafe_index", "judged", "received", "timing")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_CHARS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_UNSAFE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenVerdict]
+    action: Action
+    released: int
+    released_text: str
+    released_chars: int
+    first_unsafe_index: int
+    judged: int
+    received: int
+    timing: Timing
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenVerdict, _Mapping]]] = ..., action: _Optional[_Union[Action, str]] = ..., released: _Optional[int] = ..., released_text: _Optional[str] = ..., released_chars: _Optional[int] = ..., first_unsafe_index: _Optional[int] = ..., judged: _Optional[int] = ..., received: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class FinalResponse(_message.Message):
+    __slots__ = ("action", "judged", "released", "released_chars", "first_unsafe_index", "category", "reason", "released_text")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_CHARS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_UNSAFE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_TEXT_FIELD_NUMBER: _ClassVar[int]
+    action: Action
+    judged: int
+    released: int
+    released_chars: int
+    first_unsafe_index: int
+    category: str
+    reason: str
+    released_text: str
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., judged: _Optional[int] = ..., released: _Optional[int] = ..., released_chars: _Optional[int] = ..., first_unsafe_index: _Optional[int] = ..., category: _Optional[str] = ..., reason: _Optional[str] = ..., released_text: _Optional[str] = ...) -> None: ...
+
+class ModerateResponse(_message.Message):
+    __slots__ = ("prompt", "chunk", "final")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    prompt: PromptVerdict
+    chunk: ChunkVerdict
+    final: FinalResponse
+    def __init__(self, prompt: _Optional[_Union[PromptVerdict, _Mapping]] = ..., chunk: _Optional[_Union[ChunkVerdict, _Mapping]] = ..., final: _Optional[_Union[FinalResponse, _Mapping]] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Limits(_message.Message):
+    __slots__ = ("max_sessions", "max_tokens_per_session", "max_chunk_tokens", "max_queued_chunks", "idle_timeout_s", "max_step_tokens", "max_kv_cache_bytes", "max_text_chars")
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_SESSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_CHUNK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_TEXT_CHARS_FIELD_NUMBER: _ClassVar[int]
+    max_sessions: int
+    max_tokens_per_session: int
+    max_chunk_tokens: int
+    max_queued_chunks: int
+    idle_timeout_s: float
+    max_step_tokens: int
+    max_kv_cache_bytes: int
+    max_text_chars: int
+    def __init__(self, max_sessions: _Optional[int] = ..., max_tokens_per_session: _Optional[int] = ..., max_chunk_tokens: _Optional[int] = ..., max_queued_chunks: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., max_step_tokens: _Optional[int] = ..., max_kv_cache_bytes: _Optional[int] = ..., max_text_chars: _Optional[int] = ...) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("version", "model_name", "demo", "notice", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "risk_labels", "categories", "query_risk_labels", "query_categories", "device", "dtype", "limits", "live_sessions", "kv_cache_bytes")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    DEMO_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_ATTENTION_HEADS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KEY_VALUE_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DIM_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RISK_LABELS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_RISK_LABELS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    model_name: str
+    demo: bool
+    notice: str
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    risk_labels: _containers.RepeatedScalarFieldContainer[str]
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    query_risk_labels: _containers.RepeatedScalarFieldContainer[str]
+    query_categories: _containers.RepeatedScalarFieldContainer[str]
+    device: str
+    dtype: str
+    limits: Limits
+    live_sessions: int
+    kv_cache_bytes: int
+    def __init__(self, version: _Optional[str] = ..., model_name: _Optional[str] = ..., demo: _Optional[bool] = ..., notice: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., risk_labels: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ..., query_risk_labels: _Optional[_Iterable[str]] = ..., query_categories: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
