@@ -96,6 +96,7 @@ class ModerationStream:
                 await self.call.done_writing()
             while self.final is None:
                 await self._read()
+            await self.call.code()  # wait for the status, so closing the channel next cancels nothing
         return self.final
 
 

@@ -7,6 +7,7 @@ carry request ids or text. Each server gets its own registry (tests run several 
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Callable
@@ -124,7 +125,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = context.code() if hasattr(context, "code") else None
             if code is None:
                 code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
-            if isinstance(error, Exception) and type(error).__name__ == "CancelledError":
+            if isinstance(error, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             m.handled.labels(*labels, name).inc()
