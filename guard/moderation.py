@@ -1,4 +1,4 @@
-"""Moderated streams: a session of the engine plus the verdict rules and text-delta input.
+"""Moderated streams: a session of the engine plus a domain policy and text-delta input.
 
 This is the API the sidecar's services build on: open a stream with a conversation (or prompt
 ids), get the prompt verdict, feed response chunks as ids or text deltas, get per-token
@@ -12,16 +12,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from guard.actions import Action
 from guard.conversation import GuardTokenizer, Message, RenderedPrompt, parse_messages
 from guard.engine import ChunkScores, EngineSession, PromptScores, StreamEngine
 from guard.errors import InvalidInput
 from guard.incremental_tokenizer import IncrementalTokenizer
-from guard.verdict import DebounceTracker, TokenVerdict, Verdict, VerdictRules
+from guard.labels import RiskLevel
+from guard.policy import Policy
+from guard.verdict import DebounceTracker, TokenVerdict, Verdict
 
 
 @dataclass(frozen=True)
 class PromptVerdict:
     verdict: Verdict
+    level: RiskLevel  # after the policy's thresholds and strict/loose rule
+    action: Action  # the policy's prompt action
     prompt_tokens: int
     compute_s: float
 
@@ -35,6 +40,18 @@ class ChunkVerdict:
     unsafe_run: int  # non-safe tokens at the end of this chunk still pending the rule (snapshot)
     queue_s: float
     compute_s: float
+
+    @property
+    def action(self) -> Action:
+        """INTERRUPT once the rule has fired; else REDACT, FLAG or CONTINUE by the tokens' actions."""
+        if self.flag_index is not None:
+            return Action.INTERRUPT
+        actions = {t.action for t in self.tokens}
+        if Action.REDACT in actions:
+            return Action.REDACT
+        if Action.FLAG in actions or Action.INTERRUPT in actions:
+            return Action.FLAG
+        return Action.CONTINUE
 
 
 def _chain(source: Future, convert) -> Future:
@@ -60,26 +77,18 @@ class ModeratedStream:
     """One response under moderation. Feed ids or text, not both."""
 
     def __init__(
-        self, moderator: StreamModerator, session: EngineSession, prompt: Future[PromptScores], rules: VerdictRules
+        self, moderator: StreamModerator, session: EngineSession, prompt: Future[PromptScores], policy: Policy
     ) -> None:
         self._moderator = moderator
         self._engine = moderator.engine
         self.session = session
-        self.rules = rules
-        self._tracker = DebounceTracker(rules)
+        self.policy = policy
+        self._tracker = DebounceTracker(policy.debounce)
         self._text: IncrementalTokenizer | None = None
         self._fed_ids = False
         self.last_submitted_ids: list[int] = []  # ids of the latest feed (text: what the tokenizer released)
         self.flag_category: str | None = None  # category of the token at which the rule fired
-        cfg = self._engine.config
-        self.prompt: Future[PromptVerdict] = _chain(
-            prompt,
-            lambda s: PromptVerdict(
-                Verdict.from_probs(cfg.query_risk, cfg.query_categories, s.risk_probs, s.category_probs),
-                s.prompt_tokens,
-                s.compute_s,
-            ),
-        )
+        self.prompt: Future[PromptVerdict] = _chain(prompt, self._judge_prompt)
 
     @property
     def id(self) -> str:
@@ -127,20 +136,27 @@ class ModeratedStream:
         self.last_submitted_ids = list(ids)
         return future
 
+    def _judge_prompt(self, scores: PromptScores) -> PromptVerdict:
+        cfg = self._engine.config
+        verdict = Verdict.from_probs(cfg.query_risk, cfg.query_categories, scores.risk_probs, scores.category_probs)
+        level, action = self.policy.prompt_action(verdict, cfg.query_risk)
+        return PromptVerdict(verdict, level, action, scores.prompt_tokens, scores.compute_s)
+
     def _judge(self, scores: ChunkScores) -> ChunkVerdict:
         """Runs in chunk order (one worker resolves a session's chunks FIFO)."""
         cfg = self._engine.config
+        policy = self.policy
         tracker = self._tracker
         fired = False
         tokens = []
         verdicts = Verdict.many(cfg.response_risk, cfg.response_categories, scores.risk_probs, scores.category_probs)
         for i, (tid, verdict) in enumerate(zip(scores.token_ids, verdicts, strict=True)):
-            unsafe = self.rules.counts_as_unsafe(verdict.risk)
+            level, action = policy.response_action(verdict, cfg.response_risk)
             index = scores.first_index + i
-            if tracker.observe(index, unsafe):
+            if tracker.observe(index, action is Action.INTERRUPT):
                 fired = True
-                self.flag_category = verdict.category
-            tokens.append(TokenVerdict(index, tid, verdict, unsafe))
+                self.flag_category = policy.category_of(verdict)
+            tokens.append(TokenVerdict(index, tid, verdict, level, action))
         return ChunkVerdict(
             tuple(tokens), tracker.flag_index, tracker.span_start, fired, tracker.run, scores.queue_s, scores.compute_s
         )
@@ -165,7 +181,7 @@ class StreamModerator:
         *,
         messages: Sequence[dict[str, Any] | Message] | None = None,
         prompt_ids: Sequence[int] | None = None,
-        rules: VerdictRules | None = None,
+        policy: Policy | None = None,
         session_id: str | None = None,
     ) -> ModeratedStream:
         """Open with a conversation ending in a user turn, or with prompt ids ending in ``<|im_end|>``.
@@ -187,4 +203,4 @@ class StreamModerator:
                 )
             rendered = RenderedPrompt(ids, ())
         session, prompt = self.engine.open_session(rendered.prompt_ids, rendered.preamble_ids, session_id=session_id)
-        return ModeratedStream(self, session, prompt, rules or VerdictRules())
+        return ModeratedStream(self, session, prompt, policy or Policy())

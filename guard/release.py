@@ -44,13 +44,22 @@ class IncrementalDetokenizer:
 
 
 class ReleaseTracker:
-    """Cumulative released tokens and text of one stream."""
+    """Cumulative released tokens and text of one stream, with REDACT spans replaced by a marker.
 
-    def __init__(self, mode: ReleaseMode, hf_tokenizer: Any) -> None:
+    Redaction needs HOLD_BACK: a token is only released once judged, so its REDACT action is
+    known. In OPTIMISTIC mode tokens are already out when judged; the spans are still reported.
+    """
+
+    def __init__(self, mode: ReleaseMode, hf_tokenizer: Any, redact_marker: str = "[REDACTED]") -> None:
         self.mode = mode
         self._hf = hf_tokenizer
         self._detok = IncrementalDetokenizer(hf_tokenizer)
+        self._marker = redact_marker
         self._ids: list[int] = []  # response ids in order (judged or received)
+        self._redact: list[bool] = []  # per judged token: replace it with the marker
+        self._in_redaction = False  # the last released token was redacted (one marker per span)
+        self._span_start: int | None = None
+        self.spans: list[tuple[int, int]] = []  # completed redaction spans, drained by the caller
         self.released = 0
         self.released_chars = 0
 
@@ -69,6 +78,20 @@ class ReleaseTracker:
             return self._release_to(len(self._ids), text)
         return ""
 
+    def mark(self, redact: bool) -> None:
+        """The next judged token (in order): whether the policy redacts it."""
+        index = len(self._redact)
+        self._redact.append(redact)
+        if redact and self._span_start is None:
+            self._span_start = index
+        elif not redact and self._span_start is not None:
+            self.spans.append((self._span_start, index))
+            self._span_start = None
+
+    def drain_spans(self) -> list[tuple[int, int]]:
+        spans, self.spans = self.spans, []
+        return spans
+
     def judged(self, judged: int, unsafe_run: int, span_start: int | None) -> str:
         """After a verdict: release what HOLD_BACK now allows; return the newly released text."""
         if self.mode is ReleaseMode.OPTIMISTIC:
@@ -76,8 +99,21 @@ class ReleaseTracker:
         upto = span_start if span_start is not None else judged - unsafe_run
         return self._release_to(upto, None)
 
+    def release_received(self) -> str:
+        """Fail open: everything received so far goes out unjudged."""
+        return self._release_to(len(self._ids), None)
+
+    def release_unjudged_text(self, text: str) -> str:
+        """Fail open on a text stream: the delta goes out as it came (it was never tokenized)."""
+        out = self.release_received() + text
+        self.released_chars += len(text)
+        return out
+
     def finish(self, interrupted: bool) -> str:
         """End of stream: without an interrupt, an unfinished non-safe run is released too."""
+        if self._span_start is not None:
+            self.spans.append((self._span_start, len(self._redact)))
+            self._span_start = None
         text = "" if interrupted else self._release_to(len(self._ids), None)
         tail = "" if interrupted and self.mode is ReleaseMode.HOLD_BACK else self._detok.flush()
         self.released_chars += len(tail)
@@ -86,8 +122,26 @@ class ReleaseTracker:
     def _release_to(self, upto: int, text: str | None) -> str:
         if upto <= self.released:
             return ""
-        new_ids = self._ids[self.released : upto]
-        self.released = upto
-        out = text if text is not None else self._detok.push(new_ids)  # text streams echo their own text
-        self.released_chars += len(out)
-        return out
+        start, self.released = self.released, upto
+        if text is not None:  # OPTIMISTIC text streams echo their own text
+            self.released_chars += len(text)
+            return text
+        out = []
+        run: list[int] = []
+        for index in range(start, upto):
+            redacted = index < len(self._redact) and self._redact[index]
+            if redacted:
+                if run:
+                    out.append(self._detok.push(run))
+                    run = []
+                if not self._in_redaction:
+                    out.append(self._detok.flush() + self._marker)
+                self._in_redaction = True
+            else:
+                self._in_redaction = False
+                run.append(self._ids[index])
+        if run:
+            out.append(self._detok.push(run))
+        released = "".join(out)
+        self.released_chars += len(released)
+        return released

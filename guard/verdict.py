@@ -1,9 +1,9 @@
-"""From probabilities to verdicts: risk level per token, strict/loose Controversial, and the
-debounce rule that decides where a response is flagged.
+"""From probabilities to verdicts, and the debounce rule that decides where a response is
+interrupted.
 
 The report's streaming rule: a response is flagged at the first token i where tokens
-i-n+1 .. i are all non-safe (n = 2 by default). Strict mode counts Controversial as unsafe,
-loose mode as safe.
+i-n+1 .. i are all non-safe (n = 2 by default). Which tokens count is the policy's business
+(``guard.policy``): those whose action is INTERRUPT.
 """
 
 from __future__ import annotations
@@ -13,27 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from guard.actions import Action
 from guard.labels import LabelSet, RiskLabels, RiskLevel
 
 
 class ControversialMode(enum.Enum):
     STRICT = "strict"  # Controversial counts as unsafe
     LOOSE = "loose"  # Controversial counts as safe
-
-
-@dataclass(frozen=True)
-class VerdictRules:
-    debounce: int = 2
-    controversial: ControversialMode = ControversialMode.STRICT
-
-    def __post_init__(self) -> None:
-        if self.debounce < 1:
-            raise ValueError(f"`debounce` must be >= 1, got {self.debounce}")
-
-    def counts_as_unsafe(self, level: RiskLevel) -> bool:
-        if level is RiskLevel.UNSAFE:
-            return True
-        return level is RiskLevel.CONTROVERSIAL and self.controversial is ControversialMode.STRICT
 
 
 @dataclass(frozen=True)
@@ -98,14 +84,20 @@ class TokenVerdict:
     index: int  # position in the response, 0-based
     token_id: int
     verdict: Verdict
-    counts_unsafe: bool  # non-safe under the rules (strict/loose)
+    level: RiskLevel  # after the policy's thresholds and strict/loose rule
+    action: Action  # the policy's action for this token
+
+    @property
+    def counts_unsafe(self) -> bool:
+        """Counts toward the interrupt rule."""
+        return self.action is Action.INTERRUPT
 
 
 class DebounceTracker:
     """Remembers the run of non-safe tokens across chunks and the first flagged index."""
 
-    def __init__(self, rules: VerdictRules) -> None:
-        self.rules = rules
+    def __init__(self, debounce: int) -> None:
+        self.debounce = debounce
         self.run = 0
         self.flag_index: int | None = None  # token at which the rule fired
         self.span_start: int | None = None  # first token of the non-safe run that fired it
@@ -113,7 +105,7 @@ class DebounceTracker:
     def observe(self, index: int, unsafe: bool) -> bool:
         """Feed one token in order; True exactly when the rule fires at this token."""
         self.run = self.run + 1 if unsafe else 0
-        if self.flag_index is None and self.run >= self.rules.debounce:
+        if self.flag_index is None and self.run >= self.debounce:
             self.flag_index = index
             self.span_start = index - self.run + 1
             return True

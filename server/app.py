@@ -10,21 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from guard.policy_loader import PolicyError, PolicyStore
 from guard.runtime import load_runtime
 from server.metrics import Metrics, MetricsInterceptor
+from server.policies_service import PoliciesService
 from server.qwen3guard.v1 import guard_pb2, guard_pb2_grpc
 from server.settings import ServeSettings
 from server.stream_guard import RuntimeHolder, StreamGuardService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (guard_pb2.DESCRIPTOR.services_by_name["StreamGuard"].full_name,)
+SERVICE_NAMES = tuple(guard_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("StreamGuard", "Policies"))
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Sidecar:
     health: health.aio.HealthServicer
     metrics: Metrics
     settings: ServeSettings
+    policies: PolicyStore
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -62,6 +66,7 @@ class Sidecar:
         log.info("event=draining grace_s=%s", grace)
         self.holder.draining = True
         await self.health.enter_graceful_shutdown()
+        self.policies.stop()
         await self.server.stop(grace)
         if self.holder.runtime is not None:
             await asyncio.to_thread(self.holder.runtime.close)
@@ -69,21 +74,29 @@ class Sidecar:
 
 
 async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sidecar:
-    """Start listening (health NOT_SERVING) and, if ``load``, load the model."""
+    """Start listening (health NOT_SERVING) and, if ``load``, load the model.
+
+    Invalid policies stop the start-up (PolicyError): a sidecar never starts with a broken policy.
+    """
     metrics = Metrics()
+    policies = PolicyStore(settings.policy_dir(), settings.default_domain, on_change=metrics.on_policy_change)
+    metrics.on_policy_change(policies)
+    if settings.policy_dir() is not None and settings.policy_poll_s > 0:
+        policies.watch(settings.policy_poll_s)
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(metrics)],
         options=[("grpc.max_receive_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
     )
     holder = RuntimeHolder()
-    guard_pb2_grpc.add_StreamGuardServicer_to_server(StreamGuardService(holder, settings, metrics), server)
+    guard_pb2_grpc.add_StreamGuardServicer_to_server(StreamGuardService(holder, settings, metrics, policies), server)
+    guard_pb2_grpc.add_PoliciesServicer_to_server(PoliciesService(policies), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.address}")
-    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings)
+    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings, policies)
     await sidecar.set_serving(False)
     await server.start()
     log.info("event=listening address=%s port=%d", settings.address, port)
@@ -98,7 +111,12 @@ async def serve(settings: ServeSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sidecar = await start_sidecar(settings, load=False)
+    try:
+        sidecar = await start_sidecar(settings, load=False)
+    except PolicyError as exc:
+        log.error("event=policy_invalid errors=%r", str(exc))
+        print(f"guard: error: invalid policies:\n{exc}", file=sys.stderr)
+        return 1
     if settings.metrics_port:
         sidecar.metrics.serve_http(settings.metrics_port)
         log.info("event=metrics port=%d", settings.metrics_port)

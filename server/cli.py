@@ -56,18 +56,31 @@ def _open_arguments(messages, ids, tokenizer) -> tuple[dict[str, Any], list[int]
     return {"messages": messages[:-1]}, response
 
 
+def _moderation_policy(args):
+    """The policy for `guard moderate`: a domain from --policies, or the built-in one; flags adjust it."""
+    from dataclasses import replace
+
+    from guard.policy import Policy
+    from guard.policy_loader import check_path
+    from guard.verdict import ControversialMode
+
+    policy = check_path(Path(args.policies))[args.domain] if args.domain else Policy()
+    if args.debounce is not None:
+        policy = replace(policy, debounce=args.debounce)
+    if args.loose:
+        policy = replace(policy, controversial=ControversialMode.LOOSE)
+    return policy
+
+
 def cmd_moderate(args) -> int:
     from guard.runtime import load_runtime
-    from guard.verdict import ControversialMode, VerdictRules
 
-    rules = VerdictRules(
-        debounce=args.debounce, controversial=ControversialMode.LOOSE if args.loose else ControversialMode.STRICT
-    )
+    policy = _moderation_policy(args)
     messages, ids = _read_input(args)
     runtime = load_runtime(args.model, device=args.device, dtype=args.dtype)
     try:
         open_kwargs, response = _open_arguments(messages, ids, runtime.tokenizer)
-        stream = runtime.moderator.open(rules=rules, **open_kwargs)
+        stream = runtime.moderator.open(policy=policy, **open_kwargs)
         prompt = stream.prompt.result()
         chunk = stream.feed_ids(response).result() if response else None
         stream.close()
@@ -83,14 +96,15 @@ def cmd_moderate(args) -> int:
                 "demo": cfg.is_demo,
                 **({"notice": cfg.demo.get("notice")} if cfg.is_demo else {}),
             },
-            "rules": {"debounce": rules.debounce, "controversial": rules.controversial.value},
-            "prompt": _verdict_json(prompt.verdict),
+            "rules": {"debounce": policy.debounce, "controversial": policy.controversial.value, "policy": policy.name},
+            "prompt": {**_verdict_json(prompt.verdict), "action": prompt.action.name},
             "tokens": [
                 {
                     "id": t.token_id,
                     "text": decode(t.token_id),
                     **_verdict_json(t.verdict),
                     "counts_unsafe": t.counts_unsafe,
+                    "action": t.action.name,
                 }
                 for t in tokens
             ],
@@ -172,6 +186,56 @@ def cmd_serve(args) -> int:
     return asyncio.run(serve(settings))
 
 
+def cmd_policy_check(args) -> int:
+    from guard.policy_loader import PolicyError, check_path
+
+    try:
+        policies = check_path(Path(args.path))
+    except PolicyError as exc:
+        print(f"{len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    for name, policy in sorted(policies.items()):
+        print(f"ok  {name:<22} {policy.version}  {policy.description}")
+    return 0
+
+
+def cmd_policy_explain(args) -> int:
+    """The effective table of one domain after inheritance."""
+    from guard.labels import RiskLevel
+    from guard.policy_loader import PolicyError, check_path
+
+    try:
+        policies = check_path(Path(args.policies))
+    except PolicyError as exc:
+        print(f"guard: error: invalid policies:\n{exc}", file=sys.stderr)
+        return 1
+    if args.domain not in policies:
+        print(f"guard: error: no policy {args.domain!r}; known: {', '.join(sorted(policies))}", file=sys.stderr)
+        return 2
+    p = policies[args.domain]
+    print(f"domain {args.domain}  version {p.version}  ({p.source})")
+    if p.description:
+        print(f"  {p.description}")
+    print(f"\n{'verdict':<16} {'prompt':<10} response")
+    for level in RiskLevel:
+        print(f"{level.name:<16} {p.prompt_actions[level].name:<10} {p.response_actions[level].name}")
+    categories = sorted(set(p.prompt_category_actions) | set(p.response_category_actions))
+    for c in categories:
+        prompt = p.prompt_category_actions.get(c)
+        response = p.response_category_actions.get(c)
+        print(f"{'category ' + c:<16} {(prompt.name if prompt else '-'):<10} {response.name if response else '-'}")
+    thresholds = f"unsafe >= {p.unsafe_threshold}, controversial >= {p.controversial_threshold}"
+    print(f"\nthresholds      {thresholds if p.unsafe_threshold or p.controversial_threshold else 'argmax'}")
+    print(f"controversial   {p.controversial.value}")
+    print(f"debounce        {p.debounce}")
+    print(f"release_mode    {p.release_mode.value}")
+    print(f"redact_marker   {p.redact_marker!r}")
+    print(f"fail_mode       {p.fail_mode.value} after {p.model_timeout_ms} ms")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Streaming Qwen3Guard safety sidecar")
     parser.add_argument("--log-level", default="WARNING", help="logging level for commands other than serve")
@@ -185,8 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ids", help='JSON file: {"prompt": [...ids ending with <|im_end|>], "response": [...]}')
     mod.add_argument("--prompt", default="Hello", help="user prompt for --text (default 'Hello')")
     mod.add_argument("--json", action="store_true", help="print one JSON object")
-    mod.add_argument("--debounce", type=int, default=2, help="consecutive non-safe tokens that flag (default 2)")
-    mod.add_argument("--loose", action="store_true", help="count Controversial as safe (default: strict)")
+    mod.add_argument("--policies", default="policies", help="policy directory for --domain (default ./policies)")
+    mod.add_argument("--domain", default=None, help="judge under this domain's policy (default: built-in rules)")
+    mod.add_argument(
+        "--debounce", type=int, default=None, help="consecutive INTERRUPT tokens that interrupt (default 2)"
+    )
+    mod.add_argument("--loose", action="store_true", help="Controversial keeps its own action (default: strict)")
     mod.add_argument("--device", default="cpu")
     mod.add_argument("--dtype", default="float32")
     mod.set_defaults(func=cmd_moderate)
@@ -194,6 +262,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC sidecar (StreamGuard, health, reflection, metrics)")
     add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    policy = sub.add_parser("policy", help="check or explain the per-domain policies")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_sub.add_parser("check", help="validate a policy directory or file (file:line: field: error)")
+    check.add_argument("path", help="a directory of *.yaml policies, or one file")
+    check.set_defaults(func=cmd_policy_check)
+    explain = policy_sub.add_parser("explain", help="print a domain's effective policy after inheritance")
+    explain.add_argument("domain")
+    explain.add_argument("--policies", default="policies", help="policy directory (default ./policies)")
+    explain.set_defaults(func=cmd_policy_explain)
 
     demo = sub.add_parser("demo", help="build the demo model and moderate the showcase conversations")
     demo.add_argument("--rebuild", action="store_true", help="retrain the demo model")

@@ -76,6 +76,18 @@ class Metrics:
         )
         self.live_sessions = Gauge("guard_live_sessions", "Moderation sessions open now.", registry=r)
         self.kv_cache_bytes = Gauge("guard_kv_cache_bytes", "KV cache memory held.", registry=r)
+        self.fail_mode = Counter(
+            "guard_fail_mode_total",
+            "Model unavailable or too slow: the policy's fail mode applied.",
+            ("domain", "mode", "stage"),
+            registry=r,
+        )
+        self.policy_generation = Gauge("guard_policy_generation", "Accepted policy set changes.", registry=r)
+        self.policy_domains = Gauge("guard_policy_domains", "Domains in the active policy set.", registry=r)
+        self.policy_last_reload_ok = Gauge(
+            "guard_policy_last_reload_ok", "1 if the last policy edit was accepted, 0 if rejected.", registry=r
+        )
+        self.policy_rejected = Counter("guard_policy_rejected_total", "Policy edits rejected as invalid.", registry=r)
         self.errors = Counter(
             "guard_stream_errors_total", "Streams ended by an error, by gRPC code.", ("code",), registry=r
         )
@@ -86,6 +98,14 @@ class Metrics:
         self.batch_rows.observe(stats.rows)
         self.batch_tokens.observe(stats.tokens)
         self.kv_cache_bytes.set(stats.kv_bytes)
+
+    def on_policy_change(self, store: Any) -> None:
+        """PolicyStore hook: the active generation, and whether the last edit was accepted."""
+        self.policy_generation.set(store.version)
+        self.policy_domains.set(len(store.policies))
+        self.policy_last_reload_ok.set(0 if store.last_error else 1)
+        if store.last_error:
+            self.policy_rejected.inc()
 
     def serve_http(self, port: int) -> Any:
         server, _thread = start_http_server(port, registry=self.registry)

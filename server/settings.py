@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from guard.engine import EngineLimits
 
@@ -28,6 +29,9 @@ class ServeSettings:
     idle_timeout_s: float = 300.0
     max_step_tokens: int = 2048
     max_kv_cache_mb: int = 0  # 0 = no byte budget beyond the session/token limits
+    policies: str = ""  # policy directory; empty = ./policies if present, else the built-in default
+    default_domain: str = "default"  # the policy of streams that name no domain
+    policy_poll_s: float = 0.25  # how often the policy directory is checked for edits
     grace_period_s: float = 20.0  # drain on SIGTERM; keep below terminationGracePeriodSeconds
     log_level: str = "INFO"
     log_content: bool = False  # operators may opt in to prompt/response text in logs
@@ -42,6 +46,12 @@ class ServeSettings:
             max_step_tokens=self.max_step_tokens,
             max_kv_cache_bytes=self.max_kv_cache_mb * 2**20 or None,
         )
+
+    def policy_dir(self) -> Path | None:
+        if self.policies:
+            return Path(self.policies)
+        local = Path("policies")
+        return local if local.is_dir() else None
 
     def describe(self) -> str:
         return " ".join(f"{k}={v}" for k, v in asdict(self).items())

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import torch
@@ -18,6 +19,7 @@ import torch
 from server.app import Sidecar, start_sidecar
 from server.settings import ServeSettings
 
+REPO = Path(__file__).resolve().parents[1]
 LLM_SERVICE = "llm.v1.Generator"
 LLM_METHOD = f"/{LLM_SERVICE}/Generate"
 
@@ -54,6 +56,7 @@ class RunningSidecar:
 
 @contextmanager
 def running_sidecar(**overrides) -> Iterator[RunningSidecar]:
+    overrides.setdefault("policies", str(REPO / "policies"))
     settings = ServeSettings(address="127.0.0.1:0", metrics_port=0, **overrides)
     loop = LoopThread()
     sidecar = loop.run(start_sidecar(settings))

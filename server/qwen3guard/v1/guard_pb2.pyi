@@ -35,6 +35,12 @@ class ControversialMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTROVERSIAL_MODE_UNSPECIFIED: _ClassVar[ControversialMode]
     STRICT: _ClassVar[ControversialMode]
     LOOSE: _ClassVar[ControversialMode]
+
+class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_UNSPECIFIED: _ClassVar[Stage]
+    PROMPT: _ClassVar[Stage]
+    RESPONSE: _ClassVar[Stage]
 RISK_LEVEL_UNSPECIFIED: RiskLevel
 SAFE: RiskLevel
 CONTROVERSIAL: RiskLevel
@@ -52,6 +58,9 @@ OPTIMISTIC: ReleaseMode
 CONTROVERSIAL_MODE_UNSPECIFIED: ControversialMode
 STRICT: ControversialMode
 LOOSE: ControversialMode
+STAGE_UNSPECIFIED: Stage
+PROMPT: Stage
+RESPONSE: Stage
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -154,17 +163,21 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class PromptVerdict(_message.Message):
-    __slots__ = ("verdict", "prompt_tokens", "timing")
+    __slots__ = ("verdict", "prompt_tokens", "timing", "reason", "policy_version")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     prompt_tokens: int
     timing: Timing
-    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    reason: str
+    policy_version: str
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...
 
 class ChunkVerdict(_message.Message):
-    __slots__ = ("tokens", "action", "released", "released_text", "released_chars", "first_unsafe_index", "judged", "received", "timing")
+    __slots__ = ("tokens", "action", "released", "released_text", "released_chars", "first_unsafe_index", "judged", "received", "timing", "redactions", "unjudged", "reason")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +187,9 @@ class ChunkVerdict(_message.Message):
     JUDGED_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    REDACTIONS_FIELD_NUMBER: _ClassVar[int]
+    UNJUDGED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedCompositeFieldContainer[TokenVerdict]
     action: Action
     released: int
@@ -183,10 +199,21 @@ class ChunkVerdict(_message.Message):
     judged: int
     received: int
     timing: Timing
-    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenVerdict, _Mapping]]] = ..., action: _Optional[_Union[Action, str]] = ..., released: _Optional[int] = ..., released_text: _Optional[str] = ..., released_chars: _Optional[int] = ..., first_unsafe_index: _Optional[int] = ..., judged: _Optional[int] = ..., received: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    redactions: _containers.RepeatedCompositeFieldContainer[Span]
+    unjudged: bool
+    reason: str
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenVerdict, _Mapping]]] = ..., action: _Optional[_Union[Action, str]] = ..., released: _Optional[int] = ..., released_text: _Optional[str] = ..., released_chars: _Optional[int] = ..., first_unsafe_index: _Optional[int] = ..., judged: _Optional[int] = ..., received: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., redactions: _Optional[_Iterable[_Union[Span, _Mapping]]] = ..., unjudged: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
 
 class FinalResponse(_message.Message):
-    __slots__ = ("action", "judged", "released", "released_chars", "first_unsafe_index", "category", "reason", "released_text")
+    __slots__ = ("action", "judged", "released", "released_chars", "first_unsafe_index", "category", "reason", "released_text", "redactions")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     JUDGED_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +222,7 @@ class FinalResponse(_message.Message):
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     RELEASED_TEXT_FIELD_NUMBER: _ClassVar[int]
+    REDACTIONS_FIELD_NUMBER: _ClassVar[int]
     action: Action
     judged: int
     released: int
@@ -203,7 +231,8 @@ class FinalResponse(_message.Message):
     category: str
     reason: str
     released_text: str
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., judged: _Optional[int] = ..., released: _Optional[int] = ..., released_chars: _Optional[int] = ..., first_unsafe_index: _Optional[int] = ..., category: _Optional[str] = ..., reason: _Optional[str] = ..., released_text: _Optional[str] = ...) -> None: ...
+    redactions: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., judged: _Optional[int] = ..., released: _Optional[int] = ..., released_chars: _Optional[int] = ..., first_unsafe_index: _Optional[int] = ..., category: _Optional[str] = ..., reason: _Optional[str] = ..., released_text: _Optional[str] = ..., redactions: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
 
 class ModerateResponse(_message.Message):
     __slots__ = ("prompt", "chunk", "final")
@@ -280,3 +309,96 @@ class InfoResponse(_message.Message):
     live_sessions: int
     kv_cache_bytes: int
     def __init__(self, version: _Optional[str] = ..., model_name: _Optional[str] = ..., demo: _Optional[bool] = ..., notice: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., vocab_size: _Optional[int] = ..., risk_labels: _Optional[_Iterable[str]] = ..., categories: _Optional[_Iterable[str]] = ..., query_risk_labels: _Optional[_Iterable[str]] = ..., query_categories: _Optional[_Iterable[str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., live_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+
+class ListPoliciesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PolicySummary(_message.Message):
+    __slots__ = ("domain", "description", "version", "extends", "source")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXTENDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    description: str
+    version: str
+    extends: str
+    source: str
+    def __init__(self, domain: _Optional[str] = ..., description: _Optional[str] = ..., version: _Optional[str] = ..., extends: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class ListPoliciesResponse(_message.Message):
+    __slots__ = ("policies", "generation", "last_error", "default_domain", "loaded_at_unix")
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.RepeatedCompositeFieldContainer[PolicySummary]
+    generation: int
+    last_error: str
+    default_domain: str
+    loaded_at_unix: float
+    def __init__(self, policies: _Optional[_Iterable[_Union[PolicySummary, _Mapping]]] = ..., generation: _Optional[int] = ..., last_error: _Optional[str] = ..., default_domain: _Optional[str] = ..., loaded_at_unix: _Optional[float] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ("domain",)
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    def __init__(self, domain: _Optional[str] = ...) -> None: ...
+
+class PolicyDetail(_message.Message):
+    __slots__ = ("summary", "effective_yaml")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_YAML_FIELD_NUMBER: _ClassVar[int]
+    summary: PolicySummary
+    effective_yaml: str
+    def __init__(self, summary: _Optional[_Union[PolicySummary, _Mapping]] = ..., effective_yaml: _Optional[str] = ...) -> None: ...
+
+class EvaluateRequest(_message.Message):
+    __slots__ = ("domain", "stage", "risk", "category", "probabilities")
+    class ProbabilitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    stage: Stage
+    risk: RiskLevel
+    category: str
+    probabilities: _containers.ScalarMap[str, float]
+    def __init__(self, domain: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., risk: _Optional[_Union[RiskLevel, str]] = ..., category: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class EvaluateResponse(_message.Message):
+    __slots__ = ("action", "effective_risk", "policy_version")
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_RISK_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    action: Action
+    effective_risk: RiskLevel
+    policy_version: str
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., effective_risk: _Optional[_Union[RiskLevel, str]] = ..., policy_version: _Optional[str] = ...) -> None: ...
+
+class ReloadRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadResponse(_message.Message):
+    __slots__ = ("ok", "changed", "generation", "error")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    changed: bool
+    generation: int
+    error: str
+    def __init__(self, ok: _Optional[bool] = ..., changed: _Optional[bool] = ..., generation: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...

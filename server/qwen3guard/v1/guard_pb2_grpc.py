@@ -25,9 +25,219 @@ if _version_not_supported:
     )
 
 
-class StreamGuardStub:
+class PoliciesStub:
     """Per-token streaming moderation with Stream Qwen3Guard.
+    The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
     """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.List = channel.unary_unary(
+                '/qwen3guard.v1.Policies/List',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.ListPoliciesRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ListPoliciesResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/qwen3guard.v1.Policies/Get',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.PolicyDetail.FromString,
+                _registered_method=True)
+        self.Evaluate = channel.unary_unary(
+                '/qwen3guard.v1.Policies/Evaluate',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.EvaluateResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/qwen3guard.v1.Policies/Reload',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadResponse.FromString,
+                _registered_method=True)
+
+
+class PoliciesServicer:
+    """Per-token streaming moderation with Stream Qwen3Guard.
+    The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
+    """
+
+    def List(self, request, context):
+        """Every domain with its version, and the store's state (generation, last error).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """One domain's effective policy (after inheritance).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Evaluate(self, request, context):
+        """The action a domain assigns to a verdict: for gateway authors to test their handling.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Re-read the policy directory now (it is also watched).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PoliciesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ListPoliciesRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.ListPoliciesResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.GetPolicyRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.PolicyDetail.SerializeToString,
+            ),
+            'Evaluate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Evaluate,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.EvaluateRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qwen3guard.v1.Policies', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qwen3guard.v1.Policies', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Policies:
+    """Per-token streaming moderation with Stream Qwen3Guard.
+    The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
+    """
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen3guard.v1.Policies/List',
+            qwen3guard_dot_v1_dot_guard__pb2.ListPoliciesRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.ListPoliciesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen3guard.v1.Policies/Get',
+            qwen3guard_dot_v1_dot_guard__pb2.GetPolicyRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.PolicyDetail.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Evaluate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen3guard.v1.Policies/Evaluate',
+            qwen3guard_dot_v1_dot_guard__pb2.EvaluateRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen3guard.v1.Policies/Reload',
+            qwen3guard_dot_v1_dot_guard__pb2.ReloadRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class StreamGuardStub:
+    """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
         """Constructor.
@@ -48,8 +258,7 @@ class StreamGuardStub:
 
 
 class StreamGuardServicer:
-    """Per-token streaming moderation with Stream Qwen3Guard.
-    """
+    """Missing associated documentation comment in .proto file."""
 
     def Moderate(self, request_iterator, context):
         """One bidi stream per response being generated: `open`, then `chunk`s, then `close`.
@@ -87,8 +296,7 @@ def add_StreamGuardServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StreamGuard:
-    """Per-token streaming moderation with Stream Qwen3Guard.
-    """
+    """Missing associated documentation comment in .proto file."""
 
     @staticmethod
     def Moderate(request_iterator,

@@ -1,0 +1,75 @@
+"""`qwen3guard.v1.Policies`: list, inspect, evaluate and reload the per-domain policies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import yaml
+
+from guard.errors import InvalidInput
+from guard.labels import RiskLevel
+from guard.policy_loader import PolicyStore
+from server.qwen3guard.v1 import guard_pb2 as pb
+from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
+from server.stream_guard import ACTION, RISK
+
+LEVEL_OF = {pb.SAFE: RiskLevel.SAFE, pb.CONTROVERSIAL: RiskLevel.CONTROVERSIAL, pb.UNSAFE: RiskLevel.UNSAFE}
+STAGE_OF = {pb.PROMPT: "prompt", pb.RESPONSE: "response"}
+PROB_KEYS = {"safe": RiskLevel.SAFE, "unsafe": RiskLevel.UNSAFE, "controversial": RiskLevel.CONTROVERSIAL}
+
+
+class PoliciesService(pb_grpc.PoliciesServicer):
+    def __init__(self, store: PolicyStore) -> None:
+        self.store = store
+
+    def _summary(self, domain: str) -> pb.PolicySummary:
+        policy = self.store.policies[domain]
+        return pb.PolicySummary(
+            domain=domain,
+            description=policy.description,
+            version=policy.version,
+            extends=self.store.effective[domain].get("extends", ""),
+            source=policy.source,
+        )
+
+    async def List(self, request, context) -> pb.ListPoliciesResponse:
+        store = self.store
+        return pb.ListPoliciesResponse(
+            policies=[self._summary(d) for d in sorted(store.policies)],
+            generation=store.version,
+            last_error=store.last_error,
+            default_domain=store.default_domain,
+            loaded_at_unix=store.loaded_at,
+        )
+
+    async def Get(self, request: pb.GetPolicyRequest, context) -> pb.PolicyDetail:
+        domain = request.domain or self.store.default_domain
+        if domain not in self.store.policies:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no policy for domain {domain!r}")
+        effective = {k: v for k, v in self.store.effective[domain].items() if k != "extends"}
+        return pb.PolicyDetail(summary=self._summary(domain), effective_yaml=yaml.safe_dump(effective, sort_keys=True))
+
+    async def Evaluate(self, request: pb.EvaluateRequest, context) -> pb.EvaluateResponse:
+        try:
+            if request.stage not in STAGE_OF:
+                raise InvalidInput("`stage` must be PROMPT or RESPONSE")
+            if request.risk not in LEVEL_OF:
+                raise InvalidInput("`risk` must be SAFE, CONTROVERSIAL or UNSAFE")
+            probs = None
+            if request.probabilities:
+                unknown = [k for k in request.probabilities if k.lower() not in PROB_KEYS]
+                if unknown:
+                    raise InvalidInput(f"`probabilities` keys must be Safe, Unsafe, Controversial; got {unknown}")
+                probs = {PROB_KEYS[k.lower()]: v for k, v in request.probabilities.items()}
+            policy = self.store.get(request.domain)
+        except InvalidInput as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        level, action = policy.decide(STAGE_OF[request.stage], LEVEL_OF[request.risk], request.category or None, probs)
+        return pb.EvaluateResponse(
+            action=ACTION[action], effective_risk=RISK[level.name], policy_version=policy.version
+        )
+
+    async def Reload(self, request, context) -> pb.ReloadResponse:
+        result = await asyncio.to_thread(self.store.reload)
+        return pb.ReloadResponse(ok=result.ok, changed=result.changed, generation=result.version, error=result.error)

@@ -1,0 +1,190 @@
+"""Policy files: validation with file, line and field; inheritance; the shipped domains; live
+reload (including the ConfigMap symlink swap); `guard policy check|explain`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from guard.actions import Action
+from guard.errors import InvalidInput
+from guard.labels import RiskLevel
+from guard.policy import FailMode, ReleaseDefault
+from guard.policy_loader import PolicyError, PolicyStore, check_path, load_policies
+from guard.verdict import ControversialMode
+
+REPO = Path(__file__).resolve().parents[1]
+GUARD = str(Path(sys.executable).with_name("guard"))
+U, C, S = RiskLevel.UNSAFE, RiskLevel.CONTROVERSIAL, RiskLevel.SAFE
+
+
+def load(**files: str):
+    return load_policies({name: (f"{name}.yaml", text) for name, text in files.items()})[0]
+
+
+def problems(**files: str) -> list[str]:
+    with pytest.raises(PolicyError) as info:
+        load(**files)
+    return [str(p) for p in info.value.problems]
+
+
+def test_shipped_policies_are_valid_and_differ():
+    policies = check_path(REPO / "policies")
+    assert {"default", "children_education", "medical", "customer_support", "security_research"} <= set(policies)
+    children, medical, support, research = (
+        policies[d] for d in ("children_education", "medical", "customer_support", "security_research")
+    )
+    assert children.decide("response", C, "Political") == (U, Action.INTERRUPT)  # strict
+    assert children.debounce == 1 and children.fail_mode is FailMode.CLOSED
+    assert medical.decide("response", U, "PII") == (U, Action.REDACT)
+    assert medical.decide("response", U, "Self-Harm") == (U, Action.FLAG) and medical.fail_mode is FailMode.OPEN
+    assert support.release_mode is ReleaseDefault.OPTIMISTIC
+    assert research.decide("prompt", U, "Jailbreak") == (U, Action.FLAG) and research.debounce == 4
+    assert len({p.version for p in policies.values()}) == len(policies)
+
+
+def test_unknown_keys_are_errors_with_file_line_and_field():
+    found = problems(default="debounce: 2\nrespons:\n  unsafe: INTERRUPT\n")
+    assert found == [
+        "default.yaml:2: respons: unknown key; expected one of description, extends, prompt, "
+        "response, thresholds, controversial, debounce, release_mode, redact_marker, categories, "
+        "fail_mode, model_timeout_ms"
+    ]
+
+
+def test_every_error_is_reported_at_once():
+    text = "\n".join(
+        [
+            "debounce: 0",  # line 1: out of range
+            "response:",
+            "  unsafe: BLOCK",  # line 3: BLOCK is a prompt action
+            "thresholds:",
+            "  unsafe: high",  # line 5: not a number
+            "categories:",
+            "  PII:",
+            "    response: SHRED",  # line 8: unknown action
+            "controversial: maybe",  # line 9
+        ]
+    )
+    found = problems(default=text)
+    assert [f.split(": ")[0] + ": " + f.split(": ")[1] for f in found] == [
+        "default.yaml:1: debounce",
+        "default.yaml:3: response.unsafe",
+        "default.yaml:5: thresholds.unsafe",
+        "default.yaml:8: categories.PII.response",
+        "default.yaml:9: controversial",
+    ]
+    assert "'BLOCK' is not one of CONTINUE, ALLOW, FLAG, REDACT, INTERRUPT" in found[1]
+
+
+def test_invalid_yaml_names_the_line():
+    found = problems(default="debounce: 2\nresponse: [unclosed\n")
+    assert found[0].startswith("default.yaml:") and "invalid YAML" in found[0]
+
+
+def test_inheritance_merges_nested_maps_and_child_wins():
+    policies = load(
+        default="response:\n  controversial: FLAG\ncategories:\n  PII:\n    response: REDACT\ndebounce: 3\n",
+        child="extends: default\ndebounce: 1\ncategories:\n  Violent:\n    response: FLAG\n",
+    )
+    child = policies["child"]
+    assert child.debounce == 1
+    assert child.decide("response", U, "PII") == (U, Action.REDACT)  # inherited
+    assert child.decide("response", U, "Violent") == (U, Action.FLAG)  # added
+
+
+def test_missing_parent_and_cycles_are_errors():
+    assert "no policy named 'nope'" in problems(default="extends: nope\n")[0]
+    found = problems(default="description: d\n", a="extends: b\n", b="extends: a\n")
+    assert any("inheritance cycle" in f for f in found)
+
+
+def test_unknown_domain_is_invalid_input(tmp_path):
+    shutil.copytree(REPO / "policies", tmp_path / "p")
+    store = PolicyStore(tmp_path / "p")
+    assert store.get("").name == "default" and store.get("medical").name == "medical"
+    with pytest.raises(InvalidInput, match="unknown domain 'nope'"):
+        store.get("nope")
+
+
+def wait_for(condition, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_live_reload_applies_valid_edits_and_keeps_the_last_good_set(tmp_path):
+    directory = tmp_path / "p"
+    shutil.copytree(REPO / "policies", directory)
+    store = PolicyStore(directory)
+    store.watch(0.05)
+    try:
+        version = store.version
+        started = time.monotonic()
+        (directory / "medical.yaml").write_text("extends: default\ndebounce: 7\n")
+        assert wait_for(lambda: store.get("medical").debounce == 7, timeout=1.0)
+        assert time.monotonic() - started < 1.0 and store.version == version + 1
+        (directory / "medical.yaml").write_text("extends: default\ndebounce: many\n")
+        assert wait_for(lambda: store.last_error != "")
+        assert "medical.yaml:2: debounce" in store.last_error
+        assert store.get("medical").debounce == 7  # the last good version stays active
+        (directory / "new_domain.yaml").write_text("extends: default\ncontroversial: strict\n")
+        (directory / "medical.yaml").write_text("extends: default\n")
+        assert wait_for(lambda: "new_domain" in store.policies and not store.last_error)
+        assert store.get("new_domain").controversial is ControversialMode.STRICT
+    finally:
+        store.stop()
+
+
+def test_configmap_symlink_swap_is_picked_up(tmp_path):
+    """Kubernetes updates a mounted ConfigMap by swapping the `..data` symlink atomically."""
+    root = tmp_path / "mount"
+    first, second = root / "..2026_11_29_v1", root / "..2026_11_29_v2"
+    for target, debounce in ((first, 2), (second, 5)):
+        target.mkdir(parents=True)
+        shutil.copy(REPO / "policies" / "default.yaml", target / "default.yaml")
+        (target / "medical.yaml").write_text(f"extends: default\ndebounce: {debounce}\n")
+    os.symlink(first.name, root / "..data")
+    for name in ("default.yaml", "medical.yaml"):
+        os.symlink(f"..data/{name}", root / name)
+    store = PolicyStore(root)
+    store.watch(0.05)
+    try:
+        assert store.get("medical").debounce == 2
+        os.symlink(second.name, root / "..data_tmp")
+        os.replace(root / "..data_tmp", root / "..data")  # the atomic swap kubelet performs
+        assert wait_for(lambda: store.get("medical").debounce == 5)
+        assert "..data" not in store.policies and not store.last_error
+    finally:
+        store.stop()
+
+
+def test_policy_check_cli_reports_file_line_and_field(tmp_path):
+    good = subprocess.run([GUARD, "policy", "check", str(REPO / "policies")], capture_output=True, text=True)
+    assert good.returncode == 0 and "ok  medical" in good.stdout
+    bad_dir = tmp_path / "bad"
+    shutil.copytree(REPO / "policies", bad_dir)
+    (bad_dir / "medical.yaml").write_text("extends: default\nfail_mode: sometimes\n")
+    bad = subprocess.run([GUARD, "policy", "check", str(bad_dir / "medical.yaml")], capture_output=True, text=True)
+    assert bad.returncode == 1
+    assert "medical.yaml:2: fail_mode: 'sometimes' is not one of open, closed" in bad.stderr
+
+
+def test_policy_explain_cli_prints_the_effective_table():
+    result = subprocess.run(
+        [GUARD, "policy", "explain", "medical", "--policies", str(REPO / "policies")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "category pii" in out and "REDACT" in out
+    assert "fail_mode       open after 3000 ms" in out
+    assert "UNSAFE           FLAG       INTERRUPT" in out  # prompt FLAG (medical), response inherited
