@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.request
 
 import grpc
@@ -15,6 +16,18 @@ from server.qwen3guard.v1 import guard_pb2 as pb
 def sample(metrics, name: str, **labels) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return value or 0.0
+
+
+async def eventually(condition, timeout: float = 5.0) -> bool:
+    """Server-side metrics are recorded when the handler finishes, which may be after the client
+    has its status: wait for the condition instead of racing it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
 
 
 async def test_grpc_and_guard_metrics_are_recorded(sidecar, guard_tokenizer):
@@ -33,7 +46,7 @@ async def test_grpc_and_guard_metrics_are_recorded(sidecar, guard_tokenizer):
             assert response.chunk.action == pb.INTERRUPT
             await stream.close()
     assert sample(m, "grpc_server_started_total", **labels) == started + 1
-    assert sample(m, "grpc_server_handled_total", **labels, grpc_code="OK") == ok + 1
+    assert await eventually(lambda: sample(m, "grpc_server_handled_total", **labels, grpc_code="OK") == ok + 1)
     assert sample(m, "grpc_server_msg_sent_total", **labels) == sent + 3  # prompt, chunk, final
     assert sample(m, "guard_tokens_judged_total") == tokens + len(ids)
     assert sample(m, "guard_stream_interruptions_total", category="Violent") == interrupts + 1
@@ -56,7 +69,7 @@ async def test_failed_rpcs_are_counted_by_code(sidecar):
                 pass
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert sample(m, "grpc_server_handled_total", **labels) == before + 1
+    assert await eventually(lambda: sample(m, "grpc_server_handled_total", **labels) == before + 1)
 
 
 def test_labels_carry_no_request_ids_or_text(sidecar):
