@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from guard.policy_loader import PolicyError, PolicyStore
 from guard.runtime import load_runtime
+from server.judge_service import JudgeBackend, JudgeHolder, JudgeService
 from server.metrics import Metrics, MetricsInterceptor
 from server.policies_service import PoliciesService
 from server.qwen3guard.v1 import guard_pb2, guard_pb2_grpc
@@ -27,7 +28,42 @@ from server.stream_guard import RuntimeHolder, StreamGuardService
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = tuple(guard_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("StreamGuard", "Policies"))
+SERVICE_NAMES = tuple(guard_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("StreamGuard", "Judge", "Policies"))
+
+
+def load_judge(settings: ServeSettings) -> JudgeBackend | None:
+    """The configured Generative judge: an endpoint, a checkpoint, the demo, or none."""
+    if settings.judge_endpoint:
+        from guard.judge_remote import RemoteJudge
+
+        return JudgeBackend(
+            remote=RemoteJudge(
+                settings.judge_endpoint,
+                model=settings.judge_model or None,
+                retries=settings.judge_retries,
+                concurrency=settings.judge_concurrency,
+            )
+        )
+    if not settings.judge:
+        return None
+    from guard.judge_local import LocalJudge
+    from guard.runtime import parse_dtype
+
+    if settings.judge == "demo":
+        from guard.demo_judge import demo_judge_dir
+
+        path = demo_judge_dir()
+    else:
+        path = settings.judge
+    return JudgeBackend(
+        local=LocalJudge(
+            path,
+            device=settings.device,
+            dtype=parse_dtype(settings.dtype),
+            max_batch=settings.judge_max_batch,
+            wait_ms=settings.judge_wait_ms,
+        )
+    )
 
 
 @dataclass
@@ -39,6 +75,7 @@ class Sidecar:
     metrics: Metrics
     settings: ServeSettings
     policies: PolicyStore
+    judge: JudgeHolder
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -57,7 +94,13 @@ class Sidecar:
             on_step=self.metrics.on_step,
         )
         self.holder.runtime = runtime
-        log.info("event=ready model=%r demo=%s", runtime.description, runtime.is_demo)
+        self.judge.backend = await asyncio.to_thread(load_judge, s)
+        log.info(
+            "event=ready model=%r demo=%s judge=%s",
+            runtime.description,
+            runtime.is_demo,
+            s.judge_endpoint or s.judge or "none",
+        )
         await self.set_serving(True)
 
     async def drain(self, grace: float | None = None) -> None:
@@ -70,6 +113,8 @@ class Sidecar:
         await self.server.stop(grace)
         if self.holder.runtime is not None:
             await asyncio.to_thread(self.holder.runtime.close)
+        if self.judge.backend is not None:
+            await self.judge.backend.close()
         log.info("event=stopped")
 
 
@@ -90,13 +135,15 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     holder = RuntimeHolder()
     guard_pb2_grpc.add_StreamGuardServicer_to_server(StreamGuardService(holder, settings, metrics, policies), server)
     guard_pb2_grpc.add_PoliciesServicer_to_server(PoliciesService(policies), server)
+    judge = JudgeHolder()
+    guard_pb2_grpc.add_JudgeServicer_to_server(JudgeService(judge, policies, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.address}")
-    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings, policies)
+    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings, policies, judge)
     await sidecar.set_serving(False)
     await server.start()
     log.info("event=listening address=%s port=%d", settings.address, port)

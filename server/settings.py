@@ -29,6 +29,13 @@ class ServeSettings:
     idle_timeout_s: float = 300.0
     max_step_tokens: int = 2048
     max_kv_cache_mb: int = 0  # 0 = no byte budget beyond the session/token limits
+    judge: str = "demo"  # Generative judge checkpoint directory, 'demo', or '' for none
+    judge_endpoint: str = ""  # or an OpenAI-compatible endpoint (e.g. vLLM serving Qwen3Guard-Gen)
+    judge_model: str = ""  # model name at the endpoint; empty = the first one it lists
+    judge_retries: int = 2  # endpoint retries with exponential backoff
+    judge_concurrency: int = 16  # concurrent endpoint requests
+    judge_max_batch: int = 8  # local judge: requests batched into one generation
+    judge_wait_ms: float = 5.0  # local judge: how long a batch waits to fill
     policies: str = ""  # policy directory; empty = ./policies if present, else the built-in default
     default_domain: str = "default"  # the policy of streams that name no domain
     policy_poll_s: float = 0.25  # how often the policy directory is checked for edits

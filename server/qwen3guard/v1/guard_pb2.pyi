@@ -402,3 +402,71 @@ class ReloadResponse(_message.Message):
     generation: int
     error: str
     def __init__(self, ok: _Optional[bool] = ..., changed: _Optional[bool] = ..., generation: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("request_id", "domain", "messages", "scored")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    domain: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    scored: bool
+    def __init__(self, request_id: _Optional[str] = ..., domain: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., scored: _Optional[bool] = ...) -> None: ...
+
+class Judgment(_message.Message):
+    __slots__ = ("stage", "risk", "categories", "refusal", "action", "effective_risk", "raw_text", "risk_probs", "category_probs", "timing", "reason", "policy_version", "demo")
+    class RiskProbsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class CategoryProbsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RISK_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_RISK_FIELD_NUMBER: _ClassVar[int]
+    RAW_TEXT_FIELD_NUMBER: _ClassVar[int]
+    RISK_PROBS_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_PROBS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEMO_FIELD_NUMBER: _ClassVar[int]
+    stage: Stage
+    risk: RiskLevel
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    refusal: bool
+    action: Action
+    effective_risk: RiskLevel
+    raw_text: str
+    risk_probs: _containers.ScalarMap[str, float]
+    category_probs: _containers.ScalarMap[str, float]
+    timing: Timing
+    reason: str
+    policy_version: str
+    demo: bool
+    def __init__(self, stage: _Optional[_Union[Stage, str]] = ..., risk: _Optional[_Union[RiskLevel, str]] = ..., categories: _Optional[_Iterable[str]] = ..., refusal: _Optional[bool] = ..., action: _Optional[_Union[Action, str]] = ..., effective_risk: _Optional[_Union[RiskLevel, str]] = ..., raw_text: _Optional[str] = ..., risk_probs: _Optional[_Mapping[str, float]] = ..., category_probs: _Optional[_Mapping[str, float]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ..., demo: _Optional[bool] = ...) -> None: ...
+
+class ClassifyBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[ClassifyRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[ClassifyRequest, _Mapping]]] = ...) -> None: ...
+
+class ClassifyBatchResponse(_message.Message):
+    __slots__ = ("judgments",)
+    JUDGMENTS_FIELD_NUMBER: _ClassVar[int]
+    judgments: _containers.RepeatedCompositeFieldContainer[Judgment]
+    def __init__(self, judgments: _Optional[_Iterable[_Union[Judgment, _Mapping]]] = ...) -> None: ...

@@ -25,9 +25,133 @@ if _version_not_supported:
     )
 
 
-class PoliciesStub:
+class JudgeStub:
     """Per-token streaming moderation with Stream Qwen3Guard.
-    The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
+    Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
+    categories, refusal), with the action of the request's domain policy.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Classify = channel.unary_unary(
+                '/qwen3guard.v1.Judge/Classify',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.Judgment.FromString,
+                _registered_method=True)
+        self.ClassifyBatch = channel.unary_unary(
+                '/qwen3guard.v1.Judge/ClassifyBatch',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.ClassifyBatchRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ClassifyBatchResponse.FromString,
+                _registered_method=True)
+
+
+class JudgeServicer:
+    """Per-token streaming moderation with Stream Qwen3Guard.
+    Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
+    categories, refusal), with the action of the request's domain policy.
+    """
+
+    def Classify(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyBatch(self, request, context):
+        """Many conversations in one call; they are batched with concurrent requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_JudgeServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ClassifyRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.Judgment.SerializeToString,
+            ),
+            'ClassifyBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClassifyBatch,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ClassifyBatchRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.ClassifyBatchResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qwen3guard.v1.Judge', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qwen3guard.v1.Judge', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Judge:
+    """Per-token streaming moderation with Stream Qwen3Guard.
+    Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
+    categories, refusal), with the action of the request's domain policy.
+    """
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen3guard.v1.Judge/Classify',
+            qwen3guard_dot_v1_dot_guard__pb2.ClassifyRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.Judgment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qwen3guard.v1.Judge/ClassifyBatch',
+            qwen3guard_dot_v1_dot_guard__pb2.ClassifyBatchRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.ClassifyBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class PoliciesStub:
+    """The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
     """
 
     def __init__(self, channel):
@@ -59,8 +183,7 @@ class PoliciesStub:
 
 
 class PoliciesServicer:
-    """Per-token streaming moderation with Stream Qwen3Guard.
-    The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
+    """The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
     """
 
     def List(self, request, context):
@@ -123,8 +246,7 @@ def add_PoliciesServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Policies:
-    """Per-token streaming moderation with Stream Qwen3Guard.
-    The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
+    """The per-domain policies: what each verdict means in each domain. Edited live as YAML files.
     """
 
     @staticmethod

@@ -1,0 +1,173 @@
+"""`qwen3guard.v1.Judge`: Generative Qwen3Guard judgments with the domain policy's action.
+
+The backend is the local judge (a checkpoint, batched across concurrent requests) or a remote
+OpenAI-compatible endpoint. A judgment the model does not give in time, cannot give, or gives
+in a form that does not parse is decided by the domain's fail mode, with a reason: never a
+silent Safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from guard.actions import Action
+from guard.conversation import parse_messages
+from guard.errors import InvalidInput
+from guard.judge_local import LocalJudge
+from guard.judge_remote import JudgeUnavailable, RemoteJudge
+from guard.judgment import JudgeMode, Judgment, JudgmentParseError
+from guard.labels import RiskLevel
+from guard.policy import FailMode, Policy
+from guard.policy_loader import PolicyStore
+from server.metrics import Metrics
+from server.qwen3guard.v1 import guard_pb2 as pb
+from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
+from server.stream_guard import ACTION, RISK
+
+log = logging.getLogger(__name__)
+
+# The strictest action wins when several categories apply.
+SEVERITY = [Action.CONTINUE, Action.ALLOW, Action.FLAG, Action.REDACT, Action.INTERRUPT, Action.BLOCK]
+MAX_BATCH = 64
+
+
+@dataclass
+class JudgeBackend:
+    """Exactly one of ``local`` / ``remote``; ``demo`` describes a demo judge."""
+
+    local: LocalJudge | None = None
+    remote: RemoteJudge | None = None
+
+    @property
+    def demo(self) -> bool:
+        return bool(self.local is not None and self.local.demo)
+
+    async def classify(self, messages: list[dict], scored: bool) -> Judgment:
+        if self.local is not None:
+            return await asyncio.wrap_future(self.local.classify(messages, scored=scored))
+        if scored:
+            raise InvalidInput("`scored` needs the local judge; the remote endpoint only generates")
+        return await self.remote.classify(messages)
+
+    async def close(self) -> None:
+        if self.local is not None:
+            await asyncio.to_thread(self.local.close)
+        if self.remote is not None:
+            await self.remote.close()
+
+
+class JudgeHolder:
+    def __init__(self) -> None:
+        self.backend: JudgeBackend | None = None
+
+
+def judgment_action(policy: Policy, judgment: Judgment) -> tuple[RiskLevel, Action]:
+    stage = "prompt" if judgment.mode is JudgeMode.PROMPT else "response"
+    probs = None
+    if judgment.risk_probs:
+        probs = {RiskLevel[k.upper()]: v for k, v in judgment.risk_probs.items()}
+    decisions = [policy.decide(stage, judgment.risk, c, probs) for c in judgment.categories or (None,)]
+    return max(decisions, key=lambda d: SEVERITY.index(d[1]))
+
+
+class JudgeService(pb_grpc.JudgeServicer):
+    def __init__(self, holder: JudgeHolder, policies: PolicyStore, metrics: Metrics) -> None:
+        self.holder = holder
+        self.policies = policies
+        self.metrics = metrics
+
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.Judgment:
+        try:
+            return await self._classify(request)
+        except InvalidInput as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except _NoJudge as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+
+    async def ClassifyBatch(self, request: pb.ClassifyBatchRequest, context) -> pb.ClassifyBatchResponse:
+        if len(request.requests) > MAX_BATCH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"`requests` has {len(request.requests)} entries; at most {MAX_BATCH}"
+            )
+        try:
+            judgments = await asyncio.gather(*(self._classify(r) for r in request.requests))
+        except InvalidInput as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except _NoJudge as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return pb.ClassifyBatchResponse(judgments=judgments)
+
+    async def _classify(self, request: pb.ClassifyRequest) -> pb.Judgment:
+        backend = self.holder.backend
+        if backend is None:
+            raise _NoJudge("no judge is loaded (still loading, or the sidecar runs without --judge)")
+        messages = [
+            m.as_dict() for m in parse_messages([{"role": m.role, "content": m.content} for m in request.messages])
+        ]
+        if messages[-1]["role"] not in ("user", "assistant"):
+            raise InvalidInput("the conversation must end with a user turn (prompt) or an assistant turn (response)")
+        policy = self.policies.get(request.domain)
+        stage = pb.RESPONSE if messages[-1]["role"] == "assistant" else pb.PROMPT
+        try:
+            judgment = await asyncio.wait_for(
+                backend.classify(messages, request.scored), policy.model_timeout_ms / 1000
+            )
+        except (TimeoutError, JudgeUnavailable, JudgmentParseError) as exc:
+            return self._failed(policy, stage, exc, backend.demo)
+        level, action = judgment_action(policy, judgment)
+        self.metrics.verdicts.labels(
+            f"judge_{judgment.mode.value}", level.name, judgment.categories[0] if judgment.categories else ""
+        ).inc()
+        out = pb.Judgment(
+            stage=stage,
+            risk=RISK[judgment.risk.name],
+            categories=judgment.categories,
+            action=ACTION[action],
+            effective_risk=RISK[level.name],
+            raw_text=judgment.raw_text,
+            policy_version=policy.version,
+            timing=pb.Timing(queue_ms=judgment.queue_s * 1e3, compute_ms=judgment.inference_s * 1e3),
+            demo=backend.demo,
+        )
+        if judgment.refusal is not None:
+            out.refusal = judgment.refusal
+        out.risk_probs.update(judgment.risk_probs)
+        out.category_probs.update(judgment.category_probs)
+        return out
+
+    def _failed(self, policy: Policy, stage: int, exc: Exception, demo: bool) -> pb.Judgment:
+        what = (
+            f"the judge did not answer within {policy.model_timeout_ms} ms"
+            if isinstance(exc, TimeoutError)
+            else f"the judge output does not parse ({exc})"
+            if isinstance(exc, JudgmentParseError)
+            else f"the judge is unavailable ({exc})"
+        )
+        closed = policy.fail_mode is FailMode.CLOSED
+        action = (
+            (Action.BLOCK if stage == pb.PROMPT else Action.INTERRUPT)
+            if closed
+            else (Action.ALLOW if stage == pb.PROMPT else Action.CONTINUE)
+        )
+        self.metrics.fail_mode.labels(policy.name, policy.fail_mode.value, "judge").inc()
+        log.warning(
+            "event=judge_failure domain=%s fail_mode=%s error=%s",
+            policy.name,
+            policy.fail_mode.value,
+            type(exc).__name__,
+        )
+        return pb.Judgment(
+            stage=stage,
+            action=ACTION[action],
+            reason=f"{what}; fail {policy.fail_mode.value}",
+            policy_version=policy.version,
+            demo=demo,
+        )
+
+
+class _NoJudge(Exception):
+    pass
