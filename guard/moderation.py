@@ -8,7 +8,7 @@ verdicts and the index at which the response is flagged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,19 +55,26 @@ class ChunkVerdict:
 
 
 def _chain(source: Future, convert) -> Future:
-    """A future resolving to ``convert(source.result())``; errors propagate."""
+    """A future resolving to ``convert(source.result())``; errors propagate. ``convert`` runs even
+    when the caller has given up on (cancelled) the result, so per-stream state stays in order."""
     out: Future = Future()
 
     def done(f: Future) -> None:
-        if f.cancelled():
-            out.cancel()
-        elif f.exception() is not None:
-            out.set_exception(f.exception())
-        else:
+        try:
+            if f.cancelled():
+                out.cancel()
+                return
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+                return
             try:
-                out.set_result(convert(f.result()))
+                value = convert(f.result())
             except Exception as exc:
                 out.set_exception(exc)
+                return
+            out.set_result(value)
+        except InvalidStateError:  # the caller cancelled `out` (e.g. a fail-mode timeout)
+            pass
 
     source.add_done_callback(done)
     return out

@@ -55,15 +55,16 @@ def load_judge(settings: ServeSettings) -> JudgeBackend | None:
         path = demo_judge_dir()
     else:
         path = settings.judge
-    return JudgeBackend(
-        local=LocalJudge(
-            path,
-            device=settings.device,
-            dtype=parse_dtype(settings.dtype),
-            max_batch=settings.judge_max_batch,
-            wait_ms=settings.judge_wait_ms,
-        )
+    local = LocalJudge(
+        path,
+        device=settings.device,
+        dtype=parse_dtype(settings.dtype),
+        max_batch=settings.judge_max_batch,
+        wait_ms=settings.judge_wait_ms,
     )
+    if local.demo:
+        log.warning("event=demo_judge notice=%r", local.demo.get("notice"))
+    return JudgeBackend(local=local)
 
 
 @dataclass

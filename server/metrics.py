@@ -156,16 +156,19 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 m.msg_received.labels(*labels).inc()
                 yield item
 
+        def begin(request_or_iterator):
+            """Count the start (and the request of a unary-request call); wrap a request stream."""
+            m.started.labels(*labels).inc()
+            if handler.request_streaming:
+                return count_requests(request_or_iterator), time.perf_counter()
+            m.msg_received.labels(*labels).inc()
+            return request_or_iterator, time.perf_counter()
+
         if handler.response_streaming:
 
             async def streaming(request_or_iterator, context):
-                m.started.labels(*labels).inc()
-                started = time.perf_counter()
+                request_or_iterator, started = begin(request_or_iterator)
                 error = None
-                if handler.request_streaming:
-                    request_or_iterator = count_requests(request_or_iterator)
-                else:
-                    m.msg_received.labels(*labels).inc()
                 try:
                     async for response in behavior(request_or_iterator, context):
                         m.msg_sent.labels(*labels).inc()
@@ -180,13 +183,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         else:
 
             async def unary(request_or_iterator, context):
-                m.started.labels(*labels).inc()
-                started = time.perf_counter()
+                request_or_iterator, started = begin(request_or_iterator)
                 error = None
-                if handler.request_streaming:
-                    request_or_iterator = count_requests(request_or_iterator)
-                else:
-                    m.msg_received.labels(*labels).inc()
                 try:
                     response = await behavior(request_or_iterator, context)
                     m.msg_sent.labels(*labels).inc()
