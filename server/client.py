@@ -62,6 +62,8 @@ class ModerationStream:
         if response.WhichOneof("kind") != "prompt":
             raise ModerationError(f"expected the prompt verdict first, got {response.WhichOneof('kind')}")
         self.prompt = response.prompt
+        if self.prompt.reason and self.prompt.verdict.action == pb.BLOCK:
+            self.interrupted = True  # fail closed on the prompt: the sidecar sends `final` and ends the stream
         return self
 
     async def __aexit__(self, *exc) -> None:
