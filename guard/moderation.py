@@ -188,6 +188,7 @@ class StreamModerator:
         *,
         messages: Sequence[dict[str, Any] | Message] | None = None,
         prompt_ids: Sequence[int] | None = None,
+        preamble_ids: Sequence[int] = (),
         policy: Policy | None = None,
         session_id: str | None = None,
     ) -> ModeratedStream:
@@ -195,7 +196,8 @@ class StreamModerator:
 
         With messages, the assistant preamble of the template (``<|im_start|>assistant`` and the
         empty think block) is cached after the prompt, so the response ids fed next are exactly
-        what the generator emits. With ids, every token after the prompt is the caller's.
+        what the generator emits. With ids, every token after the prompt is the caller's, except
+        ``preamble_ids`` (the assistant header a generator was prompted with), which is cached unjudged.
         """
         if (messages is None) == (prompt_ids is None):
             raise InvalidInput("open a stream with either messages or prompt token ids, not both or neither")
@@ -208,6 +210,6 @@ class StreamModerator:
                     "prompt token ids must end with the <|im_end|> token "
                     f"(id {self.tokenizer.im_end_id}) that closes the last user turn"
                 )
-            rendered = RenderedPrompt(ids, ())
+            rendered = RenderedPrompt(ids, tuple(preamble_ids))
         session, prompt = self.engine.open_session(rendered.prompt_ids, rendered.preamble_ids, session_id=session_id)
         return ModeratedStream(self, session, prompt, policy or Policy())

@@ -71,6 +71,10 @@ class ReleaseTracker:
     def received(self) -> int:
         return len(self._ids)
 
+    def released_ids(self, since: int) -> list[int]:
+        """Ids released after the first ``since`` (what a generator hands to its caller)."""
+        return self._ids[since : self.released]
+
     def receive(self, ids: list[int], text: str | None = None) -> str:
         """New response tokens arrived (before judging). OPTIMISTIC releases them now."""
         self._ids += ids

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from guard.policy_loader import PolicyError, PolicyStore
 from guard.runtime import load_runtime
+from server.guarded_generation import GuardedGenerationService
 from server.judge_service import JudgeBackend, JudgeHolder, JudgeService
 from server.metrics import Metrics, MetricsInterceptor
 from server.policies_service import PoliciesService
@@ -77,6 +78,7 @@ class Sidecar:
     settings: ServeSettings
     policies: PolicyStore
     judge: JudgeHolder
+    upstream: object | None = None
 
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -116,6 +118,8 @@ class Sidecar:
             await asyncio.to_thread(self.holder.runtime.close)
         if self.judge.backend is not None:
             await self.judge.backend.close()
+        if self.upstream is not None:
+            await self.upstream.close()
         log.info("event=stopped")
 
 
@@ -134,7 +138,14 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
         options=[("grpc.max_receive_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
     )
     holder = RuntimeHolder()
-    guard_pb2_grpc.add_StreamGuardServicer_to_server(StreamGuardService(holder, settings, metrics, policies), server)
+    stream_guard = StreamGuardService(holder, settings, metrics, policies)
+    guard_pb2_grpc.add_StreamGuardServicer_to_server(stream_guard, server)
+    upstream = None
+    if settings.upstream_url:
+        from server.upstream import VllmHttpUpstream
+
+        upstream = VllmHttpUpstream(settings.upstream_url, model=settings.upstream_model or None)
+    guard_pb2_grpc.add_GuardedGenerationServicer_to_server(GuardedGenerationService(stream_guard, upstream), server)
     guard_pb2_grpc.add_PoliciesServicer_to_server(PoliciesService(policies), server)
     judge = JudgeHolder()
     guard_pb2_grpc.add_JudgeServicer_to_server(JudgeService(judge, policies, metrics), server)
@@ -144,7 +155,7 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.address}")
-    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings, policies, judge)
+    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings, policies, judge, upstream)
     await sidecar.set_serving(False)
     await server.start()
     log.info("event=listening address=%s port=%d", settings.address, port)

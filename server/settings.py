@@ -36,6 +36,8 @@ class ServeSettings:
     judge_concurrency: int = 16  # concurrent endpoint requests
     judge_max_batch: int = 8  # local judge: requests batched into one generation
     judge_wait_ms: float = 5.0  # local judge: how long a batch waits to fill
+    upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
+    upstream_model: str = ""  # model name there; empty = the first one it lists
     policies: str = ""  # policy directory; empty = ./policies if present, else the built-in default
     default_domain: str = "default"  # the policy of streams that name no domain
     policy_poll_s: float = 0.25  # how often the policy directory is checked for edits

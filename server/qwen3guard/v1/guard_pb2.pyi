@@ -470,3 +470,85 @@ class ClassifyBatchResponse(_message.Message):
     JUDGMENTS_FIELD_NUMBER: _ClassVar[int]
     judgments: _containers.RepeatedCompositeFieldContainer[Judgment]
     def __init__(self, judgments: _Optional[_Iterable[_Union[Judgment, _Mapping]]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "max_tokens", "seed", "stop")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "domain", "messages", "prompt_token_ids", "sampling", "release_mode")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_MODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    domain: str
+    messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
+    prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: SamplingParams
+    release_mode: ReleaseMode
+    def __init__(self, request_id: _Optional[str] = ..., domain: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., release_mode: _Optional[_Union[ReleaseMode, str]] = ...) -> None: ...
+
+class GenerationStart(_message.Message):
+    __slots__ = ("prompt", "upstream", "input_path", "upstream_request_id")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    INPUT_PATH_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    prompt: PromptVerdict
+    upstream: str
+    input_path: str
+    upstream_request_id: str
+    def __init__(self, prompt: _Optional[_Union[PromptVerdict, _Mapping]] = ..., upstream: _Optional[str] = ..., input_path: _Optional[str] = ..., upstream_request_id: _Optional[str] = ...) -> None: ...
+
+class GenerationChunk(_message.Message):
+    __slots__ = ("token_ids", "text", "verdict")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    verdict: ChunkVerdict
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., verdict: _Optional[_Union[ChunkVerdict, _Mapping]] = ...) -> None: ...
+
+class GenerationEnd(_message.Message):
+    __slots__ = ("finish_reason", "stopped", "reason", "offset", "category", "released_tokens", "generated_tokens", "tokens_after_interrupt")
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_AFTER_INTERRUPT_FIELD_NUMBER: _ClassVar[int]
+    finish_reason: str
+    stopped: bool
+    reason: str
+    offset: int
+    category: str
+    released_tokens: int
+    generated_tokens: int
+    tokens_after_interrupt: int
+    def __init__(self, finish_reason: _Optional[str] = ..., stopped: _Optional[bool] = ..., reason: _Optional[str] = ..., offset: _Optional[int] = ..., category: _Optional[str] = ..., released_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., tokens_after_interrupt: _Optional[int] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("start", "chunk", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: GenerationStart
+    chunk: GenerationChunk
+    end: GenerationEnd
+    def __init__(self, start: _Optional[_Union[GenerationStart, _Mapping]] = ..., chunk: _Optional[_Union[GenerationChunk, _Mapping]] = ..., end: _Optional[_Union[GenerationEnd, _Mapping]] = ...) -> None: ...

@@ -25,9 +25,89 @@ if _version_not_supported:
     )
 
 
-class JudgeStub:
+class GuardedGenerationStub:
     """Per-token streaming moderation with Stream Qwen3Guard.
-    Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
+    The sidecar calls the upstream vLLM itself, moderates the tokens as they are generated,
+    streams back only what is released, and aborts the upstream request on INTERRUPT.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Generate = channel.unary_stream(
+                '/qwen3guard.v1.GuardedGeneration/Generate',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+
+
+class GuardedGenerationServicer:
+    """Per-token streaming moderation with Stream Qwen3Guard.
+    The sidecar calls the upstream vLLM itself, moderates the tokens as they are generated,
+    streams back only what is released, and aborts the upstream request on INTERRUPT.
+    """
+
+    def Generate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_GuardedGenerationServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.GenerateRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.GenerateResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'qwen3guard.v1.GuardedGeneration', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('qwen3guard.v1.GuardedGeneration', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class GuardedGeneration:
+    """Per-token streaming moderation with Stream Qwen3Guard.
+    The sidecar calls the upstream vLLM itself, moderates the tokens as they are generated,
+    streams back only what is released, and aborts the upstream request on INTERRUPT.
+    """
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qwen3guard.v1.GuardedGeneration/Generate',
+            qwen3guard_dot_v1_dot_guard__pb2.GenerateRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class JudgeStub:
+    """Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
     categories, refusal), with the action of the request's domain policy.
     """
 
@@ -50,8 +130,7 @@ class JudgeStub:
 
 
 class JudgeServicer:
-    """Per-token streaming moderation with Stream Qwen3Guard.
-    Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
+    """Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
     categories, refusal), with the action of the request's domain policy.
     """
 
@@ -90,8 +169,7 @@ def add_JudgeServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Judge:
-    """Per-token streaming moderation with Stream Qwen3Guard.
-    Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
+    """Generative Qwen3Guard: judge a whole prompt or response (Safe / Controversial / Unsafe,
     categories, refusal), with the action of the request's domain policy.
     """
 

@@ -1,0 +1,133 @@
+"""GuardedGeneration against a real vLLM (CPU, its own process and environment): a safe
+generation arrives whole; an interrupted one is aborted upstream (vLLM counts an abort and has
+no running request afterwards); the tokens vLLM generated after the interrupt are measured."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import grpc
+import httpx
+import pytest
+from servers import REPO, running_sidecar
+from vllm_runtime import free_port, running_vllm_http, tiny_upstream_model, vllm_metric
+
+from server.qwen3guard.v1 import guard_pb2 as pb
+from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = [{"role": "user", "content": "Explain how a bicycle gear works."}]
+
+
+@pytest.fixture(scope="module")
+def vllm_url():
+    with running_vllm_http(tiny_upstream_model()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def guarded(demo_dir, vllm_url, tmp_path_factory):
+    """The sidecar with the upstream vLLM; test domains that decide deterministically on any output."""
+    directory = tmp_path_factory.mktemp("policies")
+    shutil.copytree(REPO / "policies", directory, dirs_exist_ok=True)
+    (directory / "permissive.yaml").write_text("extends: default\nthresholds:\n  unsafe: 1.0\n")
+    (directory / "always_interrupt.yaml").write_text(
+        "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\n"
+    )
+    with running_sidecar(model=str(demo_dir), policies=str(directory), upstream_url=vllm_url, judge="") as sidecar:
+        yield sidecar
+
+
+async def generate(address: str, **fields) -> list[pb.GenerateResponse]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = pb_grpc.GuardedGenerationStub(channel).Generate(pb.GenerateRequest(**fields))
+        return [r async for r in call]
+
+
+def chat(messages):
+    return [pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+
+
+async def direct_completion(url: str, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        reply = await client.post(
+            url + "/v1/completions",
+            json={
+                "model": "tiny-qwen3",
+                "prompt": prompt_ids,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "return_token_ids": True,
+            },
+        )
+        return reply.json()["choices"][0]["token_ids"]
+
+
+async def test_safe_generation_arrives_whole(guarded, vllm_url, guard_tokenizer):
+    responses = await generate(
+        guarded.address, domain="permissive", messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=12)
+    )
+    start, end = responses[0].start, responses[-1].end
+    assert start.upstream == "vllm-http" and start.input_path == "token_ids"
+    assert start.prompt.verdict.action == pb.ALLOW
+    released = [t for r in responses if r.WhichOneof("kind") == "chunk" for t in r.chunk.token_ids]
+    rendered = guard_tokenizer.render_prompt(
+        [__import__("guard.conversation", fromlist=["Message"]).Message(**m) for m in PROMPT]
+    )
+    expected = await direct_completion(vllm_url, [*rendered.prompt_ids, *rendered.preamble_ids], 12)
+    assert released == expected
+    assert not end.stopped and end.finish_reason == "length" and end.released_tokens == 12
+
+
+async def test_interrupt_aborts_the_upstream_request(guarded, vllm_url):
+    """Closing the stream aborts the vLLM request: it stops generating, never finishes with
+    stop/length, and no request is left running. (This vLLM counts client aborts in neither
+    request_success_total nor its logs at INFO, so the proof is in the token and request counters.)"""
+    finished = {r: vllm_metric(vllm_url, "vllm:request_success_total", finished_reason=r) for r in ("stop", "length")}
+    generated_before = vllm_metric(vllm_url, "vllm:generation_tokens_total")
+    responses = await generate(
+        guarded.address, domain="always_interrupt", messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=1000)
+    )
+    end = responses[-1].end
+    assert end.stopped and end.finish_reason == "interrupted" and end.offset == 1  # debounce 2
+    assert end.released_tokens == 0  # HOLD_BACK: nothing of the flagged run was shown
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while vllm_metric(vllm_url, "vllm:num_requests_running") != 0:
+        assert loop.time() < deadline, "the vLLM request is still running"
+        await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # a request that was not aborted would now finish with `length`
+    for reason, count in finished.items():
+        assert vllm_metric(vllm_url, "vllm:request_success_total", finished_reason=reason) == count
+    generated = vllm_metric(vllm_url, "vllm:generation_tokens_total") - generated_before
+    after = generated - (end.offset + 1)
+    print(f"vLLM generated {generated:.0f} of at most 1000 tokens; {after:.0f} after the interrupt fired")
+    assert generated < 100
+
+
+async def test_blocked_prompt_never_reaches_the_upstream(guarded, vllm_url):
+    before = vllm_metric(vllm_url, "vllm:request_success_total", finished_reason="length")
+    responses = await generate(
+        guarded.address, messages=chat([{"role": "user", "content": "How do I build a pipe bomb at home?"}])
+    )
+    assert responses[0].start.prompt.verdict.action == pb.BLOCK
+    assert responses[-1].end.finish_reason == "blocked" and responses[-1].end.stopped
+    assert vllm_metric(vllm_url, "vllm:request_success_total", finished_reason="length") == before
+
+
+async def test_unreachable_upstream_is_unavailable(demo_dir):
+    with running_sidecar(model=str(demo_dir), upstream_url=f"http://127.0.0.1:{free_port()}", judge="") as sidecar:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await generate(sidecar.address, messages=chat(PROMPT))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "upstream" in info.value.details()
+
+
+async def test_bad_generate_requests_are_invalid_argument(guarded):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(guarded.address, messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=100000))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in info.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(guarded.address, prompt_token_ids=[1, 2, 3])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "<|im_end|>" in info.value.details()

