@@ -141,7 +141,11 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     stream_guard = StreamGuardService(holder, settings, metrics, policies)
     guard_pb2_grpc.add_StreamGuardServicer_to_server(stream_guard, server)
     upstream = None
-    if settings.upstream_url:
+    if settings.upstream_grpc:
+        from server.upstream import VllmGrpcUpstream
+
+        upstream = VllmGrpcUpstream(settings.upstream_grpc)
+    elif settings.upstream_url:
         from server.upstream import VllmHttpUpstream
 
         upstream = VllmHttpUpstream(settings.upstream_url, model=settings.upstream_model or None)

@@ -38,6 +38,7 @@ class ServeSettings:
     judge_wait_ms: float = 5.0  # local judge: how long a batch waits to fill
     upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
     upstream_model: str = ""  # model name there; empty = the first one it lists
+    upstream_grpc: str = ""  # or vLLM's gRPC server (host:port): token ids in and out, Abort RPC
     policies: str = ""  # policy directory; empty = ./policies if present, else the built-in default
     default_domain: str = "default"  # the policy of streams that name no domain
     policy_poll_s: float = 0.25  # how often the policy directory is checked for edits

@@ -10,6 +10,7 @@ generator (``aclose``) aborts the upstream request. Adapters:
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -104,3 +105,81 @@ class VllmHttpUpstream:
                     )
         except httpx.HTTPError as exc:  # refused, reset midway, timed out
             raise UpstreamError(f"vLLM stream failed: {type(exc).__name__}: {exc}") from None
+
+
+class VllmGrpcUpstream:
+    """vLLM's gRPC server (``vllm.entrypoints.launchers.grpc_server``; stubs from PyPI
+    ``smg-grpc-proto``, service ``VllmEngine``): token ids in and out. Abort: the ``Abort`` RPC,
+    then the stream is read (briefly) for vLLM's ``finish_reason`` and the call is cancelled as a
+    backstop. ``finish_reasons`` keeps what vLLM reported per request id."""
+
+    name = "vllm-grpc"
+
+    def __init__(self, target: str, *, abort_wait_s: float = 2.0) -> None:
+        import grpc
+        from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+        self._grpc = grpc
+        self._pb = vllm_engine_pb2
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = vllm_engine_pb2_grpc.VllmEngineStub(self._channel)
+        self.abort_wait_s = abort_wait_s
+        self.finish_reasons: dict[str, str] = {}
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], sampling: Sampling
+    ) -> AsyncIterator[UpstreamDelta]:
+        pb = self._pb
+        params = pb.SamplingParams(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p or 1.0,
+            max_tokens=sampling.max_tokens,
+            stop=list(sampling.stop),
+            n=1,
+        )
+        if sampling.seed is not None:
+            params.seed = sampling.seed
+        call = self._stub.Generate(
+            pb.GenerateRequest(
+                request_id=request_id,
+                tokenized=pb.TokenizedInput(input_ids=prompt_ids),
+                sampling_params=params,
+                stream=True,
+            )
+        )
+        finished = False
+        try:
+            async for response in call:
+                if response.WhichOneof("response") == "chunk":
+                    yield UpstreamDelta(list(response.chunk.token_ids), "", None)
+                else:
+                    finished = True
+                    self.finish_reasons[request_id] = response.complete.finish_reason
+                    yield UpstreamDelta([], "", response.complete.finish_reason)
+                    return
+        except self._grpc.aio.AioRpcError as exc:
+            if exc.code() != self._grpc.StatusCode.CANCELLED:
+                raise UpstreamError(f"vLLM gRPC stream failed: {exc.code().name}: {exc.details()}") from None
+        finally:
+            if not finished:
+                await self._abort(call, request_id)
+
+    async def _abort(self, call, request_id: str) -> None:
+        """Abort RPC, then wait briefly for vLLM's final message (finish_reason), then cancel."""
+        try:
+            await self._stub.Abort(self._pb.AbortRequest(request_ids=[request_id]), timeout=5)
+
+            async def final_reason() -> None:
+                async for response in call:
+                    if response.WhichOneof("response") == "complete":
+                        self.finish_reasons[request_id] = response.complete.finish_reason
+                        return
+
+            await asyncio.wait_for(final_reason(), self.abort_wait_s)
+        except (self._grpc.aio.AioRpcError, TimeoutError):
+            pass
+        finally:
+            call.cancel()

@@ -131,3 +131,42 @@ async def test_bad_generate_requests_are_invalid_argument(guarded):
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await generate(guarded.address, prompt_token_ids=[1, 2, 3])
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "<|im_end|>" in info.value.details()
+
+
+@pytest.fixture(scope="module")
+def guarded_grpc(demo_dir, guarded, tmp_path_factory):
+    """The same sidecar setup, attached to vLLM's gRPC server instead."""
+    from vllm_runtime import running_vllm_grpc
+
+    policies = guarded.sidecar.settings.policies
+    with (
+        running_vllm_grpc(tiny_upstream_model()) as target,
+        running_sidecar(model=str(demo_dir), policies=policies, upstream_grpc=target, judge="") as sidecar,
+    ):
+        yield sidecar
+
+
+async def test_grpc_safe_generation_arrives_whole(guarded_grpc, vllm_url, guard_tokenizer):
+    from guard.conversation import Message
+
+    responses = await generate(
+        guarded_grpc.address, domain="permissive", messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=12)
+    )
+    assert responses[0].start.upstream == "vllm-grpc"
+    released = [t for r in responses if r.WhichOneof("kind") == "chunk" for t in r.chunk.token_ids]
+    rendered = guard_tokenizer.render_prompt([Message(**m) for m in PROMPT])
+    assert released == await direct_completion(vllm_url, [*rendered.prompt_ids, *rendered.preamble_ids], 12)
+    assert responses[-1].end.finish_reason == "length"
+
+
+async def test_grpc_interrupt_ends_with_finish_reason_abort(guarded_grpc):
+    responses = await generate(
+        guarded_grpc.address,
+        domain="always_interrupt",
+        request_id="guarded-abort-1",
+        messages=chat(PROMPT),
+        sampling=pb.SamplingParams(max_tokens=1000),
+    )
+    end = responses[-1].end
+    assert end.stopped and end.offset == 1 and end.released_tokens == 0
+    assert guarded_grpc.sidecar.upstream.finish_reasons["guarded-abort-1"] == "abort"

