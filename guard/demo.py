@@ -22,14 +22,14 @@ from torch import nn
 from guard.cache import cache_dir
 from guard.config import DEMO_MARKER, StreamGuardConfig
 from guard.conversation import GuardTokenizer, Message
-from guard.demo_corpus import DemoExample, generate_corpus
+from guard.demo_corpus import DemoExample, coverage_corpus, generate_corpus
 from guard.labels import RiskLevel
 from guard.offline_tokenizer import cached_qwen3_tokenizer_dir
 from guard.qwen3_guard_model import GuardHead
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "stream-demo-v2"
+DEMO_VERSION = "stream-demo-v3"
 DEMO_NOTICE = "DEMO MODEL: trained in seconds on a synthetic phrase list; it is not a safety model"
 
 
@@ -88,8 +88,30 @@ def _batch(items: list[_Encoded], pad_id: int):
     return ids, mask, risk, cat, ends, q_risk, q_cat
 
 
-def train_demo_checkpoint(out_dir: Path, *, steps: int = 240, seed: int = 0) -> Path:
-    """Train and write the demo checkpoint (official layout, tokenizer included)."""
+def _behaves(e: _Encoded, risk: torch.Tensor, category: torch.Tensor, q, b: int, safe_r: int) -> bool:
+    """What the sidecar's tests and demo rely on, by argmax: the prompt verdict (and category when
+    unsafe); no non-safe token before the unsafe span; inside the span every token from its third
+    on has the span's risk and category (the first two may lag: " To" is not yet a bomb recipe)."""
+    if int(q.risk[b].argmax()) != e.prompt_risk:
+        return False
+    if e.prompt_category != -100 and int(q.category[b].argmax()) != e.prompt_category:
+        return False
+    response_risk = risk[e.response_from : len(e.ids)].tolist()
+    response_category = category[e.response_from : len(e.ids)].tolist()
+    for i, (want, want_category) in enumerate(zip(e.risk, e.category, strict=True)):
+        if want == safe_r:
+            if response_risk[i] != safe_r:
+                return False
+            continue
+        lag = (i > 0 and e.risk[i - 1] == safe_r) or (i > 1 and e.risk[i - 2] == safe_r)
+        if not lag and (response_risk[i] != want or response_category[i] != want_category):
+            return False
+    return True
+
+
+def train_demo_checkpoint(out_dir: Path, *, steps: int = 240, seed: int = 0, max_rounds: int = 12) -> Path:
+    """Train and write the demo checkpoint (official layout, tokenizer included); training goes on
+    until every case of `coverage_corpus` behaves (see `_behaves`)."""
     from transformers import Qwen3Config, Qwen3Model
 
     from guard.checkpoint_writer import (
@@ -120,17 +142,20 @@ def train_demo_checkpoint(out_dir: Path, *, steps: int = 240, seed: int = 0) -> 
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
 
     data = [_encode(tok, cfg, ex) for ex in generate_corpus(1024, seed=seed)]
+    coverage = [_encode(tok, cfg, ex) for ex in coverage_corpus()]
     gen = torch.Generator().manual_seed(seed)
     ce = nn.CrossEntropyLoss(ignore_index=-100)
     pad = tok.hf.pad_token_id
-    backbone.train()
-    for step in range(steps):
-        pick = torch.randint(0, len(data), (32,), generator=gen).tolist()
-        ids, mask, risk, cat, ends, q_risk, q_cat = _batch([data[i] for i in pick], pad)
+    modules = (backbone, response_head, query_head)
+
+    def forward(items: list[_Encoded]):
+        ids, mask, risk, cat, ends, q_risk, q_cat = _batch(items, pad)
         hidden_states = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
-        r = response_head(hidden_states)
-        rows = torch.arange(len(pick))
-        q = query_head(hidden_states[rows, ends])
+        q = query_head(hidden_states[torch.arange(len(items)), ends])
+        return response_head(hidden_states), q, (risk, cat, q_risk, q_cat)
+
+    def train_step(items: list[_Encoded]) -> float:
+        r, q, (risk, cat, q_risk, q_cat) = forward(items)
         loss = (
             ce(r.risk.flatten(0, 1), risk.flatten())
             + ce(r.category.flatten(0, 1), cat.flatten())
@@ -140,9 +165,47 @@ def train_demo_checkpoint(out_dir: Path, *, steps: int = 240, seed: int = 0) -> 
         opt.zero_grad()
         loss.backward()
         opt.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def mistakes() -> list[_Encoded]:
+        for m in modules:
+            m.eval()
+        wrong = []
+        for start in range(0, len(coverage), 64):
+            items = coverage[start : start + 64]
+            r, q, _ = forward(items)
+            for b, e in enumerate(items):
+                if not _behaves(e, r.risk[b].argmax(-1), r.category[b].argmax(-1), q, b, safe_r):
+                    wrong.append(e)
+        for m in modules:
+            m.train()
+        return wrong
+
+    safe_r = cfg.response_risk.index_of(RiskLevel.SAFE)
+    for m in modules:
+        m.train()
+    for step in range(steps):
+        pick = torch.randint(0, len(data), (32,), generator=gen).tolist()
+        loss = train_step([data[i] for i in pick])
         sched.step()
         if step % 40 == 0 or step == steps - 1:
-            log.info("event=demo_train step=%d loss=%.4f", step, loss.item())
+            log.info("event=demo_train step=%d loss=%.4f", step, loss)
+    # Float rounding differs between CPUs, so a fixed step count alone can give a model that
+    # behaves on one machine and not on another: train on what is still wrong until it is right.
+    for group in opt.param_groups:
+        group["lr"] = 3e-4
+    for round_ in range(max_rounds + 1):
+        wrong = mistakes()
+        log.info("event=demo_check round=%d wrong=%d of=%d", round_, len(wrong), len(coverage))
+        if not wrong:
+            break
+        if round_ == max_rounds:
+            raise RuntimeError(f"demo model still misjudges {len(wrong)} of {len(coverage)} cases after training")
+        for _ in range(20):  # half the batch from the misses, half from the corpus
+            pick_wrong = torch.randint(0, len(wrong), (16,), generator=gen).tolist()
+            pick = torch.randint(0, len(data), (16,), generator=gen).tolist()
+            train_step([wrong[i] for i in pick_wrong] + [data[i] for i in pick])
 
     state = {f"model.{k}": v.detach() for k, v in backbone.state_dict().items()}
     state.update({f"response_head.{k}": v.detach() for k, v in response_head.state_dict().items()})

@@ -125,6 +125,35 @@ def generate_corpus(n: int, seed: int = 0) -> list[DemoExample]:
     return out
 
 
+def coverage_corpus() -> list[DemoExample]:
+    """Every phrase in every role, once: each unsafe sentence after each safe lead (with and
+    without a safe tail), safe responses, and each unsafe prompt. The demo model is trained until
+    it behaves on all of them, whatever the machine's float rounding."""
+    out = []
+    for i, lead in enumerate(SAFE_SENTENCES):
+        prompt = SAFE_PROMPTS[i % len(SAFE_PROMPTS)]
+        out.append(DemoExample(prompt, lead, "Safe", None, None, "Safe", None))
+        for j, (sentence, category, risk) in enumerate(UNSAFE_SENTENCES):
+            tail = "" if (i + j) % 2 else " " + SAFE_SENTENCES[(i + j) % len(SAFE_SENTENCES)]
+            out.append(
+                DemoExample(
+                    SAFE_PROMPTS[(i + j) % len(SAFE_PROMPTS)],
+                    f"{lead} {sentence}{tail}",
+                    "Safe",
+                    None,
+                    len(lead),
+                    risk,
+                    category,
+                )
+            )
+    for k, (prompt, category) in enumerate(UNSAFE_PROMPTS):
+        response = SAFE_SENTENCES[k % len(SAFE_SENTENCES)]
+        out.append(DemoExample(prompt, response, "Unsafe", category, None, "Safe", None))
+        sentence, s_category, risk = UNSAFE_SENTENCES[k % len(UNSAFE_SENTENCES)]
+        out.append(DemoExample(prompt, f"{response} {sentence}", "Unsafe", category, len(response), risk, s_category))
+    return out
+
+
 # Fixed showcase conversations: the README, `guard demo` and the tests use these.
 SHOWCASE = (
     DemoExample(

@@ -8,6 +8,7 @@ it is rendered and parsed exactly like a real Qwen3Guard-Gen checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from guard.offline_tokenizer import cached_qwen3_tokenizer_dir
 
 log = logging.getLogger(__name__)
 
-JUDGE_VERSION = "judge-demo-v2"
+JUDGE_VERSION = "judge-demo-v3"
 JUDGE_NOTICE = "DEMO JUDGE: trained in seconds on a synthetic phrase list; it is not a safety model"
 # Stream short names -> Generative names.
 GEN_NAME = {
@@ -74,7 +75,125 @@ def judge_examples(n: int, seed: int = 0) -> list[tuple[list[dict], str]]:
     return out
 
 
-def train_demo_judge(out_dir: Path, *, steps: int = 280, seed: int = 0) -> Path:
+def coverage_examples() -> list[tuple[list[dict], str]]:
+    """Every case the corpus can produce, once: each prompt alone, and each kind of response
+    (safe, refusal, unsafe alone, unsafe after every safe sentence) after a rotating mix of safe
+    and unsafe prompts. Training is not finished until the model answers all of them exactly."""
+    prompts = [*SAFE_PROMPTS, *(p for p, _ in UNSAFE_PROMPTS)]
+    out: list[tuple[list[dict], str]] = [
+        ([{"role": "user", "content": p}], "Safety: Safe\nCategories: None") for p in SAFE_PROMPTS
+    ]
+    out += [([{"role": "user", "content": p}], f"Safety: Unsafe\nCategories: {GEN_NAME[c]}") for p, c in UNSAFE_PROMPTS]
+    responses = [(s, "Safety: Safe\nCategories: None\nRefusal: No") for s in SAFE_SENTENCES]
+    responses += [(r, "Safety: Safe\nCategories: None\nRefusal: Yes") for r in REFUSALS]
+    for sentence, category, risk in UNSAFE_SENTENCES:
+        answer = f"Safety: {risk}\nCategories: {GEN_NAME[category]}\nRefusal: No"
+        responses.append((sentence, answer))
+        responses += [(f"{safe} {sentence}", answer) for safe in SAFE_SENTENCES]
+    for i, (response, answer) in enumerate(responses):
+        for prompt in (prompts[i % len(prompts)], prompts[(i * 7 + 3) % len(prompts)]):
+            out.append(([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], answer))
+    return out
+
+
+def one_cycle_lr(progress: float, peak: float) -> float:
+    """Warm up over the first 10 % of training, then cosine down to peak / 100."""
+    if progress < 0.1:
+        return peak * progress / 0.1
+    return peak * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (progress - 0.1) / 0.9)))
+
+
+class _Trainer:
+    """Trains the tiny judge cheaply on a 151,936-token vocabulary: only the embedding rows the
+    corpus uses are trained (a small delta table, folded back at the end), and the loss ranks only
+    the tokens that answers use (the output layer is tied to the embedding)."""
+
+    def __init__(self, model, tokenizer, rows: list[tuple[list[int], list[int]]], seed: int) -> None:
+        config = model.config
+        self.model = model
+        self.pad = config.pad_token_id
+        self.embedding = model.model.embed_tokens.weight
+        self.embedding.requires_grad_(False)
+        used = sorted({tok for prompt, target in rows for tok in prompt + target} | {self.pad})
+        self.used = torch.tensor(used)
+        self.row_of = torch.zeros(config.vocab_size, dtype=torch.long)
+        self.row_of[self.used] = torch.arange(len(used))
+        self.delta = torch.nn.Parameter(torch.zeros(len(used), config.hidden_size))
+        answer_vocab = sorted({tok for _, target in rows for tok in target})
+        self.candidates = torch.tensor(answer_vocab)
+        self.slot_of = {tok: i for i, tok in enumerate(answer_vocab)}
+        # The answer's decisions (the first token of Safe/Unsafe/Controversial, of the category,
+        # of Yes/No) weigh more than its fixed wording, which the model learns in a few steps.
+        decision_words = [" Safe", " Unsafe", " Controversial", " Yes", " No", " None"]
+        decision_words += [f" {n}" for n in GEN_NAME.values()]
+        decisions = {tokenizer.encode(word, add_special_tokens=False)[0] for word in decision_words}
+        self.weight_of = torch.tensor([5.0 if tok in decisions else 1.0 for tok in answer_vocab])
+        params = [p for p in model.parameters() if p.requires_grad] + [self.delta]
+        self.opt = torch.optim.AdamW(params, lr=6e-3, weight_decay=0.0)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def _hidden(self, batch: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, list[int]]:
+        """Hidden states at the positions that predict each answer token, and those tokens."""
+        length = max(len(p) + len(t) for p, t in batch)
+        ids = torch.full((len(batch), length), self.pad)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        rows_idx, cols_idx, targets = [], [], []
+        for b, (p, t) in enumerate(batch):
+            seq = p + t
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, : len(seq)] = 1
+            for k, tok in enumerate(t):  # target token k is predicted from the position before it
+                rows_idx.append(b)
+                cols_idx.append(len(p) + k - 1)
+                targets.append(tok)
+        embeds = self.embedding[ids] + self.delta[self.row_of[ids]]
+        hidden = self.model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        return hidden[torch.tensor(rows_idx), torch.tensor(cols_idx)], targets
+
+    def step(self, batch: list[tuple[list[int], list[int]]], lr: float) -> float:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        h, targets = self._hidden(batch)
+        logits = h @ (self.embedding[self.candidates] + self.delta[self.row_of[self.candidates]]).T
+        labels = torch.tensor([self.slot_of[t] for t in targets])
+        loss = torch.nn.functional.cross_entropy(logits, labels, weight=self.weight_of)
+        self.opt.zero_grad()
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+    def sample(self, rows: list, n: int) -> list:
+        return [rows[i] for i in torch.randint(0, len(rows), (n,), generator=self.gen).tolist()]
+
+    @torch.no_grad()
+    def mistakes(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+        """The rows that greedy decoding over the FULL vocabulary would not answer exactly
+        (teacher forcing: every answer token must be the argmax at its position)."""
+        self.model.eval()
+        output = self.embedding.clone()
+        output[self.used] += self.delta
+        wrong = []
+        for start in range(0, len(rows), 32):
+            batch = rows[start : start + 32]
+            h, targets = self._hidden(batch)
+            hits = (h @ output.T).argmax(-1) == torch.tensor(targets)
+            offset = 0
+            for row in batch:
+                if not bool(hits[offset : offset + len(row[1])].all()):
+                    wrong.append(row)
+                offset += len(row[1])
+        self.model.train()
+        return wrong
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        self.embedding[self.used] += self.delta
+
+
+def train_demo_judge(out_dir: Path, *, steps: int = 280, seed: int = 0, max_rounds: int = 12) -> Path:
+    """Train on a random draw of the corpus, then keep training on what is still answered wrong
+    until every case of `coverage_examples` is exact: float rounding differs between CPUs, so a
+    fixed step count alone gives a model that is right on one machine and wrong on another."""
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
     started = time.perf_counter()
@@ -97,71 +216,37 @@ def train_demo_judge(out_dir: Path, *, steps: int = 280, seed: int = 0) -> Path:
         pad_token_id=151643,
     )
     model = Qwen3ForCausalLM(config)
-    rows = []
-    for messages, answer in judge_examples(800, seed):
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)
-        target = tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
-        rows.append((prompt, target))
-    # Keep a step cheap on a 151,936-token vocabulary: only the embedding rows the corpus uses are
-    # trained (a small delta table, added back at the end), and the loss ranks only the tokens
-    # that answers use (the tied output layer).
-    embedding = model.model.embed_tokens.weight
-    embedding.requires_grad_(False)
-    used = sorted({tok for prompt, target in rows for tok in prompt + target} | {config.pad_token_id})
-    row_of = torch.zeros(config.vocab_size, dtype=torch.long)
-    row_of[torch.tensor(used)] = torch.arange(len(used))
-    delta = torch.nn.Parameter(torch.zeros(len(used), config.hidden_size))
-    answer_vocab = sorted({tok for _, target in rows for tok in target})
-    candidates = torch.tensor(answer_vocab)
-    slot_of = {tok: i for i, tok in enumerate(answer_vocab)}
-    # The answer's decisions (the first token of Safe/Unsafe/Controversial, of the category, of
-    # Yes/No) weigh more than its fixed wording, which the model learns in a few steps anyway.
-    decision_words = [
-        " Safe",
-        " Unsafe",
-        " Controversial",
-        " Yes",
-        " No",
-        " None",
-        *(f" {n}" for n in GEN_NAME.values()),
-    ]
-    decisions = {tokenizer.encode(word, add_special_tokens=False)[0] for word in decision_words}
-    weight_of = torch.tensor([5.0 if tok in decisions else 1.0 for tok in answer_vocab])
-    params = [p for p in model.parameters() if p.requires_grad] + [delta]
-    opt = torch.optim.AdamW(params, lr=6e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=6e-3, total_steps=steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(seed)
-    pad = config.pad_token_id
+
+    def encode(examples: list[tuple[list[dict], str]]) -> list[tuple[list[int], list[int]]]:
+        return [
+            (
+                tokenizer.encode(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False),
+                tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False),
+            )
+            for messages, answer in examples
+        ]
+
+    rows = encode(judge_examples(800, seed))
+    coverage = encode(coverage_examples())
+    trainer = _Trainer(model, tokenizer, rows + coverage, seed)
     model.train()
+    peak = 6e-3
     for step in range(steps):
-        batch = [rows[i] for i in torch.randint(0, len(rows), (12,), generator=gen).tolist()]
-        length = max(len(p) + len(t) for p, t in batch)
-        ids = torch.full((len(batch), length), pad)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        positions, targets = [], []
-        for b, (p, t) in enumerate(batch):
-            seq = p + t
-            ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, : len(seq)] = 1
-            for k, tok in enumerate(t):  # predict target token k from the position before it
-                positions.append((b, len(p) + k - 1))
-                targets.append(tok)
-        embeds = embedding[ids] + delta[row_of[ids]]  # [B, T, hidden]
-        hidden = model.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        rows_idx = torch.tensor([b for b, _ in positions])
-        cols_idx = torch.tensor([c for _, c in positions])
-        h = hidden[rows_idx, cols_idx]  # only the answer positions: [N, hidden]
-        logits = h @ (embedding[candidates] + delta[row_of[candidates]]).T  # [N, answer vocabulary]
-        labels = torch.tensor([slot_of[t] for t in targets])
-        loss = torch.nn.functional.cross_entropy(logits, labels, weight=weight_of)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = trainer.step(trainer.sample(rows, 12), one_cycle_lr(step / steps, peak))
         if step % 40 == 0 or step == steps - 1:
-            log.info("event=judge_train step=%d loss=%.4f", step, loss.item())
-    with torch.no_grad():
-        embedding[torch.tensor(used)] += delta  # fold the trained rows into the (tied) embedding
+            log.info("event=judge_train step=%d loss=%.4f", step, loss)
+    for round_ in range(max_rounds):
+        wrong = trainer.mistakes(coverage)
+        log.info("event=judge_check round=%d wrong=%d of=%d", round_, len(wrong), len(coverage))
+        if not wrong:
+            break
+        for _ in range(30):  # half the batch from the misses, half from the whole corpus
+            trainer.step(trainer.sample(wrong, 6) + trainer.sample(rows + coverage, 6), 1e-3)
+    else:
+        wrong = trainer.mistakes(coverage)
+        if wrong:
+            raise RuntimeError(f"demo judge still answers {len(wrong)} of {len(coverage)} cases wrong after training")
+    trainer.fold()
     model.eval()
     model.config.update({DEMO_MARKER: {"version": JUDGE_VERSION, "notice": JUDGE_NOTICE}})
     model.save_pretrained(str(out_dir))

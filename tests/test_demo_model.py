@@ -50,3 +50,21 @@ def test_held_out_combinations(demo_runtime):
         else:
             assert chunk.flag_index is not None, ex.response
             assert chunk.tokens[chunk.flag_index].verdict.category == ex.response_category, ex.response
+
+
+def test_undertrained_demo_is_refused_not_shipped(tmp_path):
+    """The coverage check is what makes the demo behave the same on every CPU: a model that has
+    not learnt the corpus must not be written."""
+    from guard.demo import train_demo_checkpoint
+
+    with pytest.raises(RuntimeError, match=r"misjudges \d+ of \d+ cases"):
+        train_demo_checkpoint(tmp_path / "demo", steps=3, max_rounds=0)
+    assert not (tmp_path / "demo" / "config.json").exists()
+
+
+def test_undertrained_demo_judge_is_refused_not_shipped(tmp_path):
+    from guard.demo_judge import train_demo_judge
+
+    with pytest.raises(RuntimeError, match=r"answers \d+ of \d+ cases wrong"):
+        train_demo_judge(tmp_path / "judge", steps=3, max_rounds=0)
+    assert not (tmp_path / "judge" / "config.json").exists()

@@ -27,7 +27,7 @@ from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 
 GUARD = str(Path(sys.executable).with_name("guard"))
-EXAMPLES = judge_examples(40, seed=999)  # recombinations the training never drew
+EXAMPLES = judge_examples(40, seed=999)  # a draw other than the training corpus
 
 
 def test_official_parsing():
