@@ -2,7 +2,11 @@
 by going through the sidecar, and how many tokens vLLM generates after an interrupt.
 
 Starts a real vLLM (the tests' cached environment and tiny model) and the sidecar with the demo
-guard. Usage:  python benchmarks/guarded_bench.py [--tokens 64] [--runs 5] [--json PATH]
+guard. Usage:  python benchmarks/guarded_bench.py [--adapter http|grpc] [--tokens 64] [--runs 5] [--json PATH]
+
+With ``--adapter grpc`` the upstream is vLLM's gRPC server (VllmEngine), the direct stream is a
+VllmEngine.Generate call, and the tokens after the interrupt are those the sidecar still received
+before vLLM's abort landed (that server exports no token counter).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the real-vLLM and sidecar harness the
 import grpc  # noqa: E402
 import httpx  # noqa: E402
 from servers import running_sidecar  # noqa: E402
-from vllm_runtime import running_vllm_http, tiny_upstream_model, vllm_metric  # noqa: E402
+from vllm_runtime import running_vllm_grpc, running_vllm_http, tiny_upstream_model, vllm_metric  # noqa: E402
 
 from guard.conversation import GuardTokenizer, Message  # noqa: E402
 from guard.demo import demo_checkpoint_dir  # noqa: E402
@@ -33,9 +37,9 @@ from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc  # noqa: E402
 PROMPT = [{"role": "user", "content": "Explain how a bicycle gear works."}]
 
 
-async def direct_gaps(url: str, prompt_ids: list[int], tokens: int) -> list[float]:
-    """Seconds between consecutive token deltas of a direct vLLM stream."""
-    gaps, last = [], None
+async def direct_http(url: str, prompt_ids: list[int], tokens: int) -> list[float]:
+    """Arrival time of each token of a direct vLLM stream, from the request's start (seconds)."""
+    arrivals, start = [], time.perf_counter()
     body = {
         "model": "tiny-qwen3",
         "prompt": prompt_ids,
@@ -50,15 +54,35 @@ async def direct_gaps(url: str, prompt_ids: list[int], tokens: int) -> list[floa
     ):
         async for line in response.aiter_lines():
             if line.startswith("data: {"):
-                now = time.perf_counter()
-                if last is not None:
-                    gaps.append(now - last)
-                last = now
-    return gaps
+                ids = json.loads(line[len("data: ") :])["choices"][0].get("token_ids") or []
+                arrivals += [time.perf_counter() - start] * len(ids)
+    return arrivals
 
 
-async def guarded_gaps(address: str, tokens: int, domain: str) -> tuple[list[float], pb.GenerationEnd]:
-    gaps, last, end = [], None, None
+async def direct_grpc(target: str, prompt_ids: list[int], tokens: int) -> list[float]:
+    """Arrival time of each token of a direct VllmEngine.Generate stream, from its start."""
+    from smg_grpc_proto import vllm_engine_pb2 as vpb
+    from smg_grpc_proto import vllm_engine_pb2_grpc as vrpc
+
+    arrivals, start = [], time.perf_counter()
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = vrpc.VllmEngineStub(channel).Generate(
+            vpb.GenerateRequest(
+                request_id=f"direct-{time.monotonic_ns()}",
+                tokenized=vpb.TokenizedInput(input_ids=prompt_ids),
+                sampling_params=vpb.SamplingParams(temperature=0, max_tokens=tokens, n=1),
+                stream=True,
+            )
+        )
+        async for response in call:
+            if response.WhichOneof("response") == "chunk":
+                arrivals += [time.perf_counter() - start] * len(response.chunk.token_ids)
+    return arrivals
+
+
+async def guarded(address: str, tokens: int, domain: str) -> tuple[list[float], pb.GenerationEnd]:
+    """Arrival time of each released token through GuardedGeneration, and its end message."""
+    arrivals, end, start = [], None, time.perf_counter()
     async with grpc.aio.insecure_channel(address) as channel:
         call = pb_grpc.GuardedGenerationStub(channel).Generate(
             pb.GenerateRequest(
@@ -68,14 +92,11 @@ async def guarded_gaps(address: str, tokens: int, domain: str) -> tuple[list[flo
             )
         )
         async for response in call:
-            if response.WhichOneof("kind") == "chunk" and response.chunk.token_ids:
-                now = time.perf_counter()
-                if last is not None:
-                    gaps.append(now - last)
-                last = now
+            if response.WhichOneof("kind") == "chunk":
+                arrivals += [time.perf_counter() - start] * len(response.chunk.token_ids)
             elif response.WhichOneof("kind") == "end":
                 end = response.end
-    return gaps, end
+    return arrivals, end
 
 
 async def main_async(args) -> dict:
@@ -89,47 +110,65 @@ async def main_async(args) -> dict:
     tokenizer = GuardTokenizer.from_dir(model)
     rendered = tokenizer.render_prompt([Message(**m) for m in PROMPT])
     prompt_ids = [*rendered.prompt_ids, *rendered.preamble_ids]
+    grpc_adapter = args.adapter == "grpc"
     with (
-        running_vllm_http(model) as url,
+        (running_vllm_grpc if grpc_adapter else running_vllm_http)(model) as upstream,
         running_sidecar(
-            model=str(demo_checkpoint_dir()), policies=str(policies), upstream_url=url, judge=""
+            model=str(demo_checkpoint_dir()),
+            policies=str(policies),
+            judge="",
+            **({"upstream_grpc": upstream} if grpc_adapter else {"upstream_url": upstream}),
         ) as sidecar,
     ):
-        await direct_gaps(url, prompt_ids, 8)  # warm-up
-        direct, guarded = [], []
+        direct_stream = direct_grpc if grpc_adapter else direct_http
+        await direct_stream(upstream, prompt_ids, 8)  # warm-up
+        added, direct_per_token, guarded_per_token = [], [], []
         for _ in range(args.runs):  # interleaved, so both see the same machine load
-            direct += await direct_gaps(url, prompt_ids, args.tokens)
-            guarded += (await guarded_gaps(sidecar.address, args.tokens, "permissive"))[0]
+            d_arrivals = await direct_stream(upstream, prompt_ids, args.tokens)
+            g_arrivals = (await guarded(sidecar.address, args.tokens, "permissive"))[0]
+            assert len(d_arrivals) == len(g_arrivals) == args.tokens, (len(d_arrivals), len(g_arrivals))
+            added += [g - d for g, d in zip(g_arrivals, d_arrivals, strict=True)]  # same token, both paths
+            direct_per_token.append(d_arrivals[-1] / args.tokens)
+            guarded_per_token.append(g_arrivals[-1] / args.tokens)
         after = []
         for _ in range(args.runs):
-            before = vllm_metric(url, "vllm:generation_tokens_total")
-            _, end = await guarded_gaps(sidecar.address, 1000, "always_interrupt")
-            while vllm_metric(url, "vllm:num_requests_running"):
+            if grpc_adapter:
+                _, end = await guarded(sidecar.address, 1000, "always_interrupt")
+                after.append(end.tokens_after_interrupt)
+                continue
+            before = vllm_metric(upstream, "vllm:generation_tokens_total")
+            _, end = await guarded(sidecar.address, 1000, "always_interrupt")
+            while vllm_metric(upstream, "vllm:num_requests_running"):
                 await asyncio.sleep(0.1)
-            generated = vllm_metric(url, "vllm:generation_tokens_total") - before
+            generated = vllm_metric(upstream, "vllm:generation_tokens_total") - before
             after.append(generated - (end.offset + 1))
-    d, g = statistics.median(direct) * 1e3, statistics.median(guarded) * 1e3
+    d, g = statistics.median(direct_per_token) * 1e3, statistics.median(guarded_per_token) * 1e3
+    added_sorted = sorted(added)
     result = {
-        "direct_p50_ms": d,
-        "guarded_p50_ms": g,
-        "added_p50_ms": g - d,
+        "direct_ms_per_token": d,
+        "guarded_ms_per_token": g,
         "ratio": g / d,
-        "direct_p99_ms": sorted(direct)[int(0.99 * len(direct))] * 1e3,
-        "guarded_p99_ms": sorted(guarded)[int(0.99 * len(guarded))] * 1e3,
+        "added_p50_ms": statistics.median(added) * 1e3,
+        "added_p99_ms": added_sorted[int(0.99 * (len(added_sorted) - 1))] * 1e3,
         "tokens_after_interrupt": after,
+        "adapter": args.adapter,
         "runs": args.runs,
         "tokens": args.tokens,
     }
-    print(f"# {args.runs} runs x {args.tokens} tokens, chunks of 1 token (vLLM on CPU, tiny Qwen3; demo guard)")
-    print(f"{'path':<18} {'p50 ms/chunk':>13} {'p99 ms/chunk':>13}")
-    print(f"{'direct vLLM':<18} {d:>13.2f} {result['direct_p99_ms']:>13.2f}")
-    print(f"{'GuardedGeneration':<18} {g:>13.2f} {result['guarded_p99_ms']:>13.2f}")
-    print(f"added per chunk: {g - d:.2f} ms ({g / d:.2f}x); tokens generated after the interrupt: {after}")
+    print(f"# {args.adapter}: {args.runs} runs x {args.tokens} tokens (vLLM on CPU, tiny Qwen3; demo guard)")
+    print(f"{'path':<18} {'ms / token (whole stream)':>26}")
+    print(f"{'direct vLLM':<18} {d:>26.2f}")
+    print(f"{'GuardedGeneration':<18} {g:>26.2f}")
+    print(
+        f"ratio {g / d:.2f}x; each token arrives {result['added_p50_ms']:.2f} ms later at p50, "
+        f"{result['added_p99_ms']:.2f} ms at p99; tokens generated after the interrupt: {after}"
+    )
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--adapter", choices=("http", "grpc"), default="http")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--json", default=None)

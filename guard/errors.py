@@ -15,3 +15,7 @@ class LimitExceeded(EngineError):
 
 class SessionClosed(EngineError):
     """The session was closed, cancelled, expired, or the engine shut down."""
+
+
+class FailedPrecondition(EngineError):
+    """The request is valid but cannot be served in the system's current configuration (FAILED_PRECONDITION)."""

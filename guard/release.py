@@ -21,26 +21,34 @@ class ReleaseMode(enum.Enum):
 
 
 class IncrementalDetokenizer:
-    """Token ids in, text out; decoding only the ids since the last complete character."""
+    """Token ids in, text out, exactly as a decode of all ids would give it. Each push decodes a
+    short window (the ids of the previous push as context, then the new ones), so tokenizers whose
+    pieces depend on their neighbours (SentencePiece word starts) and characters split across ids
+    (multi-byte UTF-8) come out right, in constant time per push."""
 
     def __init__(self, hf_tokenizer: Any) -> None:
         self._hf = hf_tokenizer
-        self._pending: list[int] = []
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: context ids, already emitted
+        self._read = 0  # ids before this are emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
 
     def push(self, ids: list[int]) -> str:
-        self._pending += ids
-        if not self._pending:
+        self._ids += ids
+        context = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(context) or text.endswith(REPLACEMENT):  # a character is not complete yet
             return ""
-        text = self._hf.decode(self._pending, clean_up_tokenization_spaces=False)
-        if text.endswith(REPLACEMENT):  # a multi-byte character is not complete yet
-            return ""
-        self._pending = []
-        return text
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(context) :]
 
     def flush(self) -> str:
-        text = self._hf.decode(self._pending, clean_up_tokenization_spaces=False) if self._pending else ""
-        self._pending = []
-        return text
+        context = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(context) :]
 
 
 class ReleaseTracker:

@@ -123,6 +123,35 @@ class Sidecar:
         log.info("event=stopped")
 
 
+def build_upstream(settings: ServeSettings):
+    """The configured upstream engine for GuardedGeneration, or None (one of the three at most)."""
+    chosen = [name for name in ("upstream_url", "upstream_grpc", "upstream_engine") if getattr(settings, name)]
+    if len(chosen) > 1:
+        raise ValueError(f"configure one upstream, not {' and '.join(chosen)}")
+    if settings.upstream_engine:
+        if settings.upstream_engine != "async-llm":
+            raise ValueError(f"--upstream-engine must be 'async-llm', got {settings.upstream_engine!r}")
+        if not settings.upstream_model:
+            raise ValueError("--upstream-engine async-llm needs --upstream-model (the model directory)")
+        from server.upstream_async_llm import AsyncLlmUpstream
+
+        return AsyncLlmUpstream.from_model(
+            settings.upstream_model,
+            gpu_memory_utilization=settings.upstream_gpu_memory_utilization,
+            max_model_len=settings.upstream_max_model_len or None,
+            dtype="auto" if settings.device == "cpu" else settings.dtype,
+        )
+    if settings.upstream_grpc:
+        from server.upstream import VllmGrpcUpstream
+
+        return VllmGrpcUpstream(settings.upstream_grpc)
+    if settings.upstream_url:
+        from server.upstream import VllmHttpUpstream
+
+        return VllmHttpUpstream(settings.upstream_url, model=settings.upstream_model or None)
+    return None
+
+
 async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sidecar:
     """Start listening (health NOT_SERVING) and, if ``load``, load the model.
 
@@ -140,16 +169,13 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     holder = RuntimeHolder()
     stream_guard = StreamGuardService(holder, settings, metrics, policies)
     guard_pb2_grpc.add_StreamGuardServicer_to_server(stream_guard, server)
-    upstream = None
-    if settings.upstream_grpc:
-        from server.upstream import VllmGrpcUpstream
+    upstream = build_upstream(settings)
+    if getattr(upstream, "name", "") == "async-llm":  # vLLM's own metrics live in this process
+        import prometheus_client
 
-        upstream = VllmGrpcUpstream(settings.upstream_grpc)
-    elif settings.upstream_url:
-        from server.upstream import VllmHttpUpstream
-
-        upstream = VllmHttpUpstream(settings.upstream_url, model=settings.upstream_model or None)
-    guard_pb2_grpc.add_GuardedGenerationServicer_to_server(GuardedGenerationService(stream_guard, upstream), server)
+        metrics.include(prometheus_client.REGISTRY)
+    guarded = GuardedGenerationService(stream_guard, upstream, settings.upstream_input_path)
+    guard_pb2_grpc.add_GuardedGenerationServicer_to_server(guarded, server)
     guard_pb2_grpc.add_PoliciesServicer_to_server(PoliciesService(policies), server)
     judge = JudgeHolder()
     guard_pb2_grpc.add_JudgeServicer_to_server(JudgeService(judge, policies, metrics), server)

@@ -107,6 +107,15 @@ class Metrics:
         if store.last_error:
             self.policy_rejected.inc()
 
+    def include(self, registry: CollectorRegistry) -> None:
+        """Also expose another registry's metrics (vLLM's, when it runs in this process)."""
+
+        class _Forward:
+            def collect(self):
+                yield from registry.collect()
+
+        self.registry.register(_Forward())
+
     def serve_http(self, port: int) -> Any:
         server, _thread = start_http_server(port, registry=self.registry)
         return server

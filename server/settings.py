@@ -39,6 +39,10 @@ class ServeSettings:
     upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
     upstream_model: str = ""  # model name there; empty = the first one it lists
     upstream_grpc: str = ""  # or vLLM's gRPC server (host:port): token ids in and out, Abort RPC
+    upstream_engine: str = ""  # or 'async-llm': vLLM embedded in this process, serving --upstream-model (a path)
+    upstream_input_path: str = "auto"  # auto (probe the upstream's tokenizer), token_ids, or text
+    upstream_gpu_memory_utilization: float = 0.9  # async-llm only
+    upstream_max_model_len: int = 0  # async-llm only; 0 = the model's
     policies: str = ""  # policy directory; empty = ./policies if present, else the built-in default
     default_domain: str = "default"  # the policy of streams that name no domain
     policy_poll_s: float = 0.25  # how often the policy directory is checked for edits

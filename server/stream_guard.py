@@ -23,7 +23,7 @@ import grpc
 
 import guard
 from guard.actions import Action
-from guard.errors import EngineError, InvalidInput, LimitExceeded, SessionClosed
+from guard.errors import EngineError, FailedPrecondition, InvalidInput, LimitExceeded, SessionClosed
 from guard.labels import RiskLevel
 from guard.moderation import ChunkVerdict, ModeratedStream
 from guard.policy import FailMode, Policy, ReleaseDefault
@@ -47,6 +47,8 @@ def status_of(error: EngineError) -> grpc.StatusCode:
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(error, LimitExceeded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(error, FailedPrecondition):
+        return grpc.StatusCode.FAILED_PRECONDITION
     if isinstance(error, SessionClosed) and "shutting down" in str(error):
         return grpc.StatusCode.UNAVAILABLE
     return grpc.StatusCode.ABORTED

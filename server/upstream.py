@@ -1,28 +1,41 @@
 """Upstream generation engines the sidecar attaches to (GuardedGeneration).
 
-One interface: ``generate`` yields token deltas as the engine produces them; closing the
-generator (``aclose``) aborts the upstream request. Adapters:
+One interface: ``generate`` yields deltas as the engine produces them; closing the generator
+(``aclose``) aborts the upstream request. ``tokenize`` says how the upstream tokenizes text, so
+the service can tell whether its ids are Qwen3 ids (token path: no re-tokenisation) or not (text
+path: the upstream renders the conversation with its own template and its text deltas go through
+the guard's incremental tokenizer). Adapters:
 
-- ``VllmHttpUpstream``: vLLM's OpenAI-compatible server, ``/v1/completions`` with the prompt as
-  token ids, ``stream`` and ``return_token_ids`` (token ids in and out, no re-tokenisation);
-  abort by closing the connection.
+- ``VllmHttpUpstream``: vLLM's OpenAI-compatible server. Token path: ``/v1/completions`` with the
+  prompt as ids and ``return_token_ids``; text path: ``/v1/chat/completions``. Abort: close the
+  connection.
+- ``VllmGrpcUpstream``: vLLM's gRPC server (``VllmEngine``, stubs from ``smg-grpc-proto``): ids
+  in and out; for the text path the upstream's tokenizer is fetched once (``GetTokenizer``) to
+  render the prompt and to detokenize the output. Abort: the ``Abort`` RPC, then cancel.
+- ``AsyncLlmUpstream`` (``server.upstream_async_llm``): vLLM embedded in this process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
+import tempfile
+import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import httpx
+
+from guard.release import IncrementalDetokenizer
 
 
 @dataclass(frozen=True)
 class UpstreamDelta:
-    token_ids: list[int]
-    text: str
+    token_ids: list[int]  # the upstream's ids (Qwen3 ids only on the token path)
+    text: str  # the delta's text (always set on the text path)
     finish_reason: str | None  # set on the last delta: stop, length, abort, ...
 
 
@@ -39,12 +52,36 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class UpstreamPrompt:
+    """Token path: the Qwen3-rendered prompt ids, assistant preamble included. Text path: the
+    messages, which the upstream renders with its own chat template."""
+
+    token_ids: tuple[int, ...] = ()
+    messages: tuple[dict, ...] = ()
+
+
 class Upstream(Protocol):
     name: str
 
-    def generate(self, request_id: str, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[UpstreamDelta]: ...
+    async def tokenize(self, text: str) -> list[int]:
+        """The upstream's ids for ``text`` (special tokens parsed, none added)."""
+        ...
+
+    def generate(self, request_id: str, prompt: UpstreamPrompt, sampling: Sampling) -> AsyncIterator[UpstreamDelta]: ...
+
+    async def abort(self, request_id: str) -> bool:
+        """Stop a running request. True: its stream now ends by itself, with the engine's finish
+        reason ("abort"); False: this upstream has no abort call, close the stream instead."""
+        ...
 
     async def close(self) -> None: ...
+
+
+def render_with(tokenizer: Any, messages: tuple[dict, ...]) -> list[int]:
+    """The upstream's own rendering of a conversation, ready for its assistant turn."""
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 class VllmHttpUpstream:
@@ -58,6 +95,15 @@ class VllmHttpUpstream:
     async def close(self) -> None:
         await self._client.aclose()
 
+    async def _post(self, path: str, body: dict) -> dict:
+        try:
+            response = await self._client.post(self.base + path, json=body)
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{path} at {self.base} failed: {type(exc).__name__}: {exc}") from None
+        if response.status_code != 200:
+            raise UpstreamError(f"{path} answered HTTP {response.status_code}: {response.text[:300]}")
+        return response.json()
+
     async def _model_name(self) -> str:
         if self.model is None:
             try:
@@ -68,18 +114,28 @@ class VllmHttpUpstream:
             self.model = response.json()["data"][0]["id"]
         return self.model
 
+    async def abort(self, request_id: str) -> bool:
+        return False  # the OpenAI-compatible API aborts a request when its connection closes
+
+    async def tokenize(self, text: str) -> list[int]:
+        body = {"model": await self._model_name(), "prompt": text, "add_special_tokens": False}
+        return list((await self._post("/tokenize", body))["tokens"])
+
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling
+        self, request_id: str, prompt: UpstreamPrompt, sampling: Sampling
     ) -> AsyncIterator[UpstreamDelta]:
-        body = {
+        body: dict[str, Any] = {
             "model": await self._model_name(),
-            "prompt": prompt_ids,
             "stream": True,
-            "return_token_ids": True,
             "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature,
-            "stream_options": {"include_usage": False},
         }
+        if prompt.token_ids:
+            path = "/v1/completions"
+            body.update(prompt=list(prompt.token_ids), return_token_ids=True)
+        else:
+            path = "/v1/chat/completions"
+            body.update(messages=list(prompt.messages), return_token_ids=True)  # ids only count tokens here
         if sampling.top_p:
             body["top_p"] = sampling.top_p
         if sampling.seed is not None:
@@ -88,7 +144,7 @@ class VllmHttpUpstream:
             body["stop"] = list(sampling.stop)
         try:
             async with self._client.stream(
-                "POST", self.base + "/v1/completions", json=body, headers={"X-Request-Id": request_id}
+                "POST", self.base + path, json=body, headers={"X-Request-Id": request_id}
             ) as response:
                 if response.status_code != 200:
                     detail = (await response.aread()).decode(errors="replace")[:300]
@@ -100,11 +156,11 @@ class VllmHttpUpstream:
                     if data == "[DONE]":
                         return
                     choice = json.loads(data)["choices"][0]
-                    yield UpstreamDelta(
-                        list(choice.get("token_ids") or []), choice.get("text") or "", choice.get("finish_reason")
-                    )
+                    text = choice.get("text") if prompt.token_ids else (choice.get("delta") or {}).get("content")
+                    yield UpstreamDelta(list(choice.get("token_ids") or []), text or "", choice.get("finish_reason"))
         except httpx.HTTPError as exc:  # refused, reset midway, timed out
             raise UpstreamError(f"vLLM stream failed: {type(exc).__name__}: {exc}") from None
+        raise UpstreamError("vLLM stream ended without [DONE]")
 
 
 class VllmGrpcUpstream:
@@ -125,14 +181,43 @@ class VllmGrpcUpstream:
         self._stub = vllm_engine_pb2_grpc.VllmEngineStub(self._channel)
         self.abort_wait_s = abort_wait_s
         self.finish_reasons: dict[str, str] = {}
+        self._tokenizer: Any = None
+        self._tokenizer_lock = asyncio.Lock()
 
     async def close(self) -> None:
         await self._channel.close()
 
+    async def tokenizer(self) -> Any:
+        """The upstream's own tokenizer, fetched once as vLLM's zip bundle (``GetTokenizer``)."""
+        async with self._tokenizer_lock:
+            if self._tokenizer is None:
+                from smg_grpc_proto.generated import common_pb2
+
+                data, digest = bytearray(), ""
+                try:
+                    async for chunk in self._stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=30):
+                        data += chunk.data
+                        digest = chunk.sha256 or digest
+                except self._grpc.aio.AioRpcError as exc:
+                    raise UpstreamError(f"vLLM GetTokenizer failed: {exc.code().name}: {exc.details()}") from None
+                if digest and hashlib.sha256(data).hexdigest() != digest:
+                    raise UpstreamError("vLLM's tokenizer bundle does not match its sha256")
+                self._tokenizer = await asyncio.to_thread(_load_tokenizer_zip, bytes(data))
+        return self._tokenizer
+
+    async def tokenize(self, text: str) -> list[int]:
+        return (await self.tokenizer()).encode(text, add_special_tokens=False)
+
     async def generate(
-        self, request_id: str, prompt_ids: list[int], sampling: Sampling
+        self, request_id: str, prompt: UpstreamPrompt, sampling: Sampling
     ) -> AsyncIterator[UpstreamDelta]:
         pb = self._pb
+        detokenizer = None
+        ids = list(prompt.token_ids)
+        if not ids:
+            tokenizer = await self.tokenizer()
+            ids = render_with(tokenizer, prompt.messages)
+            detokenizer = IncrementalDetokenizer(tokenizer)
         params = pb.SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p or 1.0,
@@ -145,7 +230,7 @@ class VllmGrpcUpstream:
         call = self._stub.Generate(
             pb.GenerateRequest(
                 request_id=request_id,
-                tokenized=pb.TokenizedInput(input_ids=prompt_ids),
+                tokenized=pb.TokenizedInput(input_ids=ids),
                 sampling_params=params,
                 stream=True,
             )
@@ -154,11 +239,12 @@ class VllmGrpcUpstream:
         try:
             async for response in call:
                 if response.WhichOneof("response") == "chunk":
-                    yield UpstreamDelta(list(response.chunk.token_ids), "", None)
+                    new = list(response.chunk.token_ids)
+                    yield UpstreamDelta(new, detokenizer.push(new) if detokenizer else "", None)
                 else:
                     finished = True
                     self.finish_reasons[request_id] = response.complete.finish_reason
-                    yield UpstreamDelta([], "", response.complete.finish_reason)
+                    yield UpstreamDelta([], detokenizer.flush() if detokenizer else "", response.complete.finish_reason)
                     return
         except self._grpc.aio.AioRpcError as exc:
             if exc.code() != self._grpc.StatusCode.CANCELLED:
@@ -166,6 +252,14 @@ class VllmGrpcUpstream:
         finally:
             if not finished:
                 await self._abort(call, request_id)
+        raise UpstreamError("vLLM gRPC stream ended without its final message")
+
+    async def abort(self, request_id: str) -> bool:
+        try:
+            await self._stub.Abort(self._pb.AbortRequest(request_ids=[request_id]), timeout=5)
+        except self._grpc.aio.AioRpcError:
+            return False
+        return True
 
     async def _abort(self, call, request_id: str) -> None:
         """Abort RPC, then wait briefly for vLLM's final message (finish_reason), then cancel."""
@@ -183,3 +277,12 @@ class VllmGrpcUpstream:
             pass
         finally:
             call.cancel()
+
+
+def _load_tokenizer_zip(data: bytes) -> Any:
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="upstream-tokenizer-") as directory:
+        with zipfile.ZipFile(io.BytesIO(data)) as bundle:
+            bundle.extractall(directory)
+        return AutoTokenizer.from_pretrained(directory)

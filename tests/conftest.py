@@ -97,8 +97,13 @@ def tiny_checkpoint(checkpoints) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
+    """The demo Stream checkpoint. The demo judge is built here too (once, untimed): every sidecar
+    a test starts loads it by default, and its first training must not count against a start-up
+    timeout."""
     from guard.demo import demo_checkpoint_dir
+    from guard.demo_judge import demo_judge_dir
 
+    demo_judge_dir()
     return demo_checkpoint_dir()
 
 

@@ -134,15 +134,18 @@ async def test_bad_generate_requests_are_invalid_argument(guarded):
 
 
 @pytest.fixture(scope="module")
-def guarded_grpc(demo_dir, guarded, tmp_path_factory):
-    """The same sidecar setup, attached to vLLM's gRPC server instead."""
+def vllm_grpc_target():
     from vllm_runtime import running_vllm_grpc
 
+    with running_vllm_grpc(tiny_upstream_model()) as target:
+        yield target
+
+
+@pytest.fixture(scope="module")
+def guarded_grpc(demo_dir, guarded, vllm_grpc_target):
+    """The same sidecar setup, attached to vLLM's gRPC server instead."""
     policies = guarded.sidecar.settings.policies
-    with (
-        running_vllm_grpc(tiny_upstream_model()) as target,
-        running_sidecar(model=str(demo_dir), policies=policies, upstream_grpc=target, judge="") as sidecar,
-    ):
+    with running_sidecar(model=str(demo_dir), policies=policies, upstream_grpc=vllm_grpc_target, judge="") as sidecar:
         yield sidecar
 
 
@@ -153,6 +156,7 @@ async def test_grpc_safe_generation_arrives_whole(guarded_grpc, vllm_url, guard_
         guarded_grpc.address, domain="permissive", messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=12)
     )
     assert responses[0].start.upstream == "vllm-grpc"
+    assert responses[0].start.input_path == "token_ids"  # GetTokenizer's bundle tokenizes like the guard
     released = [t for r in responses if r.WhichOneof("kind") == "chunk" for t in r.chunk.token_ids]
     rendered = guard_tokenizer.render_prompt([Message(**m) for m in PROMPT])
     assert released == await direct_completion(vllm_url, [*rendered.prompt_ids, *rendered.preamble_ids], 12)
@@ -169,4 +173,175 @@ async def test_grpc_interrupt_ends_with_finish_reason_abort(guarded_grpc):
     )
     end = responses[-1].end
     assert end.stopped and end.offset == 1 and end.released_tokens == 0
-    assert guarded_grpc.sidecar.upstream.finish_reasons["guarded-abort-1"] == "abort"
+    assert end.upstream_finish_reason == "abort"  # what vLLM's gRPC server reported for the request
+    assert not guarded_grpc.sidecar.upstream.finish_reasons  # taken by the stream, nothing kept per request
+
+
+# --- The text path: the upstream's tokenizer is not (or is not trusted to be) Qwen3's. ---
+
+
+SEEDED = {"temperature": 1.0, "seed": 7}  # random tiny models repeat one token under greedy decoding
+
+
+async def direct_chat(url: str, messages: list[dict], max_tokens: int) -> tuple[str, list[int]]:
+    """vLLM's own answer (text and ids) to a chat request, sampled with the SEEDED parameters."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        model = (await client.get(url + "/v1/models")).json()["data"][0]["id"]
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "return_token_ids": True, **SEEDED}
+        choice = (await client.post(url + "/v1/chat/completions", json=body)).json()["choices"][0]
+        return choice["message"]["content"], choice["token_ids"]
+
+
+def released_text(responses: list[pb.GenerateResponse]) -> str:
+    return "".join(r.chunk.text for r in responses if r.WhichOneof("kind") == "chunk")
+
+
+@pytest.fixture(scope="module")
+def vllm_other_url():
+    from vllm_runtime import tiny_other_upstream_model
+
+    with running_vllm_http(tiny_other_upstream_model()) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def guarded_other(demo_dir, guarded, vllm_other_url):
+    policies = guarded.sidecar.settings.policies
+    with running_sidecar(model=str(demo_dir), policies=policies, upstream_url=vllm_other_url, judge="") as sidecar:
+        yield sidecar
+
+
+async def test_other_tokenizer_takes_the_text_path(guarded_other, vllm_other_url):
+    """A SentencePiece-style upstream: detected by the probe, rendered with its own template, its
+    text deltas re-tokenized by the guard; the released text is exactly what vLLM generates."""
+    sampling = pb.SamplingParams(max_tokens=16, **SEEDED)
+    responses = await generate(guarded_other.address, domain="permissive", messages=chat(PROMPT), sampling=sampling)
+    assert responses[0].start.input_path == "text"
+    assert all(not r.chunk.token_ids for r in responses if r.WhichOneof("kind") == "chunk")
+    text, ids = await direct_chat(vllm_other_url, PROMPT, 16)
+    assert text.strip() and released_text(responses) == text
+    assert responses[-1].end.generated_tokens == len(ids)
+
+
+async def test_text_path_interrupt_aborts_and_releases_nothing(guarded_other, vllm_other_url):
+    responses = await generate(
+        guarded_other.address,
+        domain="always_interrupt",
+        messages=chat(PROMPT),
+        sampling=pb.SamplingParams(max_tokens=1000),
+    )
+    end = responses[-1].end
+    assert end.stopped and end.finish_reason == "interrupted" and released_text(responses) == ""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while vllm_metric(vllm_other_url, "vllm:num_requests_running") != 0:
+        assert loop.time() < deadline, "the vLLM request is still running"
+        await asyncio.sleep(0.2)
+    assert end.generated_tokens < 500
+
+
+async def test_text_path_refuses_prompt_token_ids(guarded_other, guard_tokenizer):
+    from guard.conversation import Message
+
+    rendered = guard_tokenizer.render_prompt([Message(**m) for m in PROMPT])
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await generate(guarded_other.address, prompt_token_ids=[*rendered.prompt_ids, *rendered.preamble_ids])
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "messages" in info.value.details()
+
+
+@pytest.mark.parametrize("adapter", ["http", "grpc"])
+async def test_forced_text_path_matches_the_upstream_text(adapter, demo_dir, guarded, vllm_url, vllm_grpc_target):
+    """`--upstream-input-path text` on the Qwen3 upstream: over HTTP vLLM renders and detokenizes;
+    over gRPC the sidecar does, with the tokenizer bundle it fetched (GetTokenizer)."""
+    target = {"upstream_url": vllm_url} if adapter == "http" else {"upstream_grpc": vllm_grpc_target}
+    policies = guarded.sidecar.settings.policies
+    with running_sidecar(
+        model=str(demo_dir), policies=policies, upstream_input_path="text", judge="", **target
+    ) as sidecar:
+        sampling = pb.SamplingParams(max_tokens=16, **SEEDED)
+        responses = await generate(sidecar.address, domain="permissive", messages=chat(PROMPT), sampling=sampling)
+    assert responses[0].start.input_path == "text"
+    text, ids = await direct_chat(vllm_url, PROMPT, 16)
+    assert text.strip() and released_text(responses) == text
+    assert responses[-1].end.generated_tokens == len(ids)
+
+
+# --- Library mode: vLLM's AsyncLLM embedded in the sidecar's own process. ---
+
+
+@pytest.fixture(scope="module")
+def async_llm_sidecar(demo_dir, guarded):
+    """`guard serve --upstream-engine async-llm` run from the vLLM environment (this repository is
+    installed there): one process holds the guard and the engine; its /metrics has vLLM's too."""
+    import subprocess
+
+    from test_serve_process import wait_serving
+    from vllm_runtime import CACHE, vllm_python_with_sidecar
+
+    python = vllm_python_with_sidecar()
+    port, metrics_port = free_port(), free_port()
+    log = (CACHE / f"async-llm-sidecar-{port}.log").open("w")
+    args = [
+        "--model",
+        str(demo_dir),
+        "--address",
+        f"127.0.0.1:{port}",
+        "--metrics-port",
+        str(metrics_port),
+        "--judge",
+        "",
+        "--policies",
+        guarded.sidecar.settings.policies,
+        "--upstream-engine",
+        "async-llm",
+        "--upstream-model",
+        str(tiny_upstream_model()),
+        "--upstream-gpu-memory-utilization",
+        "0.1",
+        "--upstream-max-model-len",
+        "2048",
+    ]
+    process = subprocess.Popen(
+        [str(python), "-m", "server.cli", "serve", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(CACHE),
+    )
+    try:
+        asyncio.run(wait_serving(f"127.0.0.1:{port}", process, timeout=300))
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+async def test_async_llm_safe_generation_arrives_whole(async_llm_sidecar, vllm_url, guard_tokenizer):
+    from guard.conversation import Message
+
+    address, _ = async_llm_sidecar
+    responses = await generate(
+        address, domain="permissive", messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=12)
+    )
+    start = responses[0].start
+    assert start.upstream == "async-llm" and start.input_path == "token_ids"
+    released = [t for r in responses if r.WhichOneof("kind") == "chunk" for t in r.chunk.token_ids]
+    rendered = guard_tokenizer.render_prompt([Message(**m) for m in PROMPT])
+    assert released == await direct_completion(vllm_url, [*rendered.prompt_ids, *rendered.preamble_ids], 12)
+    assert responses[-1].end.finish_reason == "length" and responses[-1].end.upstream_finish_reason == "length"
+
+
+async def test_async_llm_interrupt_aborts_in_process(async_llm_sidecar):
+    address, metrics_url = async_llm_sidecar
+    responses = await generate(
+        address, domain="always_interrupt", messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=1000)
+    )
+    end = responses[-1].end
+    assert end.stopped and end.offset == 1 and end.released_tokens == 0
+    assert end.upstream_finish_reason == "abort"  # AsyncLLM's own final output for the request
+    assert vllm_metric(metrics_url, "vllm:num_requests_running") == 0  # vLLM's gauge, on the sidecar's /metrics
+    print(f"async-llm: {end.tokens_after_interrupt} tokens generated after the interrupt")

@@ -47,6 +47,42 @@ def vllm_python() -> Path:
     return python
 
 
+def vllm_python_with_sidecar() -> Path:
+    """The vLLM environment with this repository installed too (editable, so it runs the working
+    tree): library mode, the sidecar embedding vLLM's AsyncLLM in its own process."""
+    python = vllm_python()
+    marker = VENV / ".sidecar-installed"
+    if marker.exists() and marker.read_text() == str(REPO):
+        return python
+    done = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "-e", str(REPO)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"installing the sidecar into the vLLM environment failed:\n{done.stdout}{done.stderr}")
+    marker.write_text(str(REPO))
+    return python
+
+
+def tiny_causal_config(config_class, tokenizer, *, eos: str, bos: str, pad: str | None = None, vocab_size=None):
+    """A tiny Qwen3ForCausalLM config over ``tokenizer``'s vocabulary (head_dim 64: vLLM's minimum)."""
+    ids = tokenizer.convert_tokens_to_ids
+    return config_class(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        eos_token_id=ids(eos),
+        bos_token_id=ids(bos),
+        pad_token_id=ids(pad) if pad else None,
+        rope_theta=1e6,
+    )
+
+
 def tiny_upstream_model() -> Path:
     """A random Qwen3ForCausalLM (head_dim 64, the real vocabulary and tokenizer), cached."""
     target = CACHE / "vllm-tiny-qwen3-v1"
@@ -58,24 +94,33 @@ def tiny_upstream_model() -> Path:
     from guard.offline_tokenizer import cached_qwen3_tokenizer_dir
 
     torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-        tie_word_embeddings=True,
-        max_position_embeddings=4096,
-        eos_token_id=151645,
-        bos_token_id=151643,
-        rope_theta=1e6,
-    )
+    tokenizer = AutoTokenizer.from_pretrained(str(cached_qwen3_tokenizer_dir()))
+    # The real Qwen3 embedding size (151,936 rows: the vocabulary padded).
+    config = tiny_causal_config(Qwen3Config, tokenizer, eos="<|im_end|>", bos="<|endoftext|>", vocab_size=151936)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     Qwen3ForCausalLM(config).save_pretrained(str(tmp))
-    AutoTokenizer.from_pretrained(str(cached_qwen3_tokenizer_dir())).save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def tiny_other_upstream_model() -> Path:
+    """A random Qwen3ForCausalLM whose tokenizer is NOT Qwen3's (SentencePiece-style, see
+    other_tokenizer.py): the guard must take the text path for it."""
+    target = CACHE / "vllm-tiny-other-v1"
+    if (target / "config.json").exists():
+        return target
+    import torch
+    from other_tokenizer import build_other_tokenizer
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = build_other_tokenizer(tmp)
+    torch.manual_seed(1)
+    config = tiny_causal_config(Qwen3Config, tokenizer, eos="<|im_end|>", bos="<s>", pad="</s>")
+    Qwen3ForCausalLM(config).save_pretrained(str(tmp))
     os.replace(tmp, target)
     return target
 

@@ -524,7 +524,7 @@ class GenerationChunk(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., verdict: _Optional[_Union[ChunkVerdict, _Mapping]] = ...) -> None: ...
 
 class GenerationEnd(_message.Message):
-    __slots__ = ("finish_reason", "stopped", "reason", "offset", "category", "released_tokens", "generated_tokens", "tokens_after_interrupt")
+    __slots__ = ("finish_reason", "stopped", "reason", "offset", "category", "released_tokens", "generated_tokens", "tokens_after_interrupt", "upstream_finish_reason")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOPPED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -533,6 +533,7 @@ class GenerationEnd(_message.Message):
     RELEASED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_AFTER_INTERRUPT_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     finish_reason: str
     stopped: bool
     reason: str
@@ -541,7 +542,8 @@ class GenerationEnd(_message.Message):
     released_tokens: int
     generated_tokens: int
     tokens_after_interrupt: int
-    def __init__(self, finish_reason: _Optional[str] = ..., stopped: _Optional[bool] = ..., reason: _Optional[str] = ..., offset: _Optional[int] = ..., category: _Optional[str] = ..., released_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., tokens_after_interrupt: _Optional[int] = ...) -> None: ...
+    upstream_finish_reason: str
+    def __init__(self, finish_reason: _Optional[str] = ..., stopped: _Optional[bool] = ..., reason: _Optional[str] = ..., offset: _Optional[int] = ..., category: _Optional[str] = ..., released_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., tokens_after_interrupt: _Optional[int] = ..., upstream_finish_reason: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("start", "chunk", "end")
