@@ -27,7 +27,7 @@ demo: install
 ## The whole test suite, lint included (what CI runs).
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,6 +1,6 @@
 """An upstream that breaks midway: the caller gets UNAVAILABLE, and the domain's fail mode decides
 what of the held-back response was released. The upstream is a real HTTP server on a loopback
-port speaking vLLM's streaming protocol, which resets the connection after a few chunks."""
+port speaking vLLM's streaming protocol, which drops the connection after a few chunks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import socket
-import struct
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,7 +24,7 @@ PROMPT = [pb.ChatMessage(role="user", content="What is the capital of Australia?
 
 class BreakingVllm:
     """/v1/models, /tokenize (with the guard's own tokenizer: the token path), and a streaming
-    /v1/completions that sends ``chunks_before_break`` chunks and then resets the connection."""
+    /v1/completions that sends ``chunks_before_break`` chunks and then drops the connection."""
 
     def __init__(self, tokenizer, response_ids: list[int], chunks_before_break: int = 3) -> None:
         outer = self
@@ -65,9 +64,9 @@ class BreakingVllm:
                     self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
                     self.wfile.flush()
                 outer.sent = response_ids[: chunks_before_break * size]
-                # RST instead of the closing chunk: the stream breaks midway.
-                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                self.connection.close()
+                # The connection closes without the closing chunk: the stream breaks midway, as when
+                # vLLM dies. (A FIN, not a RST: a RST may discard the chunks the client has not read yet.)
+                self.connection.shutdown(socket.SHUT_RDWR)
                 self.close_connection = True
 
         self.requests = 0
