@@ -121,8 +121,11 @@ async def main_async(args) -> dict:
         ) as sidecar,
     ):
         direct_stream = direct_grpc if grpc_adapter else direct_http
-        await direct_stream(upstream, prompt_ids, 8)  # warm-up
+        await direct_stream(upstream, prompt_ids, 8)  # warm-up; for the sidecar also its one-time
+        await guarded(sidecar.address, 8, "permissive")  # tokenizer probe (gRPC: GetTokenizer's bundle)
         added, direct_per_token, guarded_per_token = [], [], []
+        ttft: dict[str, list[float]] = {"direct": [], "guarded": []}  # first token (the prompt check is before it)
+        steady: dict[str, list[float]] = {"direct": [], "guarded": []}  # ms / token after the first
         for _ in range(args.runs):  # interleaved, so both see the same machine load
             d_arrivals = await direct_stream(upstream, prompt_ids, args.tokens)
             g_arrivals = (await guarded(sidecar.address, args.tokens, "permissive"))[0]
@@ -130,6 +133,10 @@ async def main_async(args) -> dict:
             added += [g - d for g, d in zip(g_arrivals, d_arrivals, strict=True)]  # same token, both paths
             direct_per_token.append(d_arrivals[-1] / args.tokens)
             guarded_per_token.append(g_arrivals[-1] / args.tokens)
+            ttft["direct"].append(d_arrivals[0])
+            ttft["guarded"].append(g_arrivals[0])
+            steady["direct"].append((d_arrivals[-1] - d_arrivals[0]) / (args.tokens - 1))
+            steady["guarded"].append((g_arrivals[-1] - g_arrivals[0]) / (args.tokens - 1))
         after = []
         for _ in range(args.runs):
             if grpc_adapter:
@@ -150,15 +157,20 @@ async def main_async(args) -> dict:
         "ratio": g / d,
         "added_p50_ms": statistics.median(added) * 1e3,
         "added_p99_ms": added_sorted[int(0.99 * (len(added_sorted) - 1))] * 1e3,
+        "direct_ttft_ms": statistics.median(ttft["direct"]) * 1e3,
+        "guarded_ttft_ms": statistics.median(ttft["guarded"]) * 1e3,
+        "direct_steady_ms_per_token": statistics.median(steady["direct"]) * 1e3,
+        "guarded_steady_ms_per_token": statistics.median(steady["guarded"]) * 1e3,
         "tokens_after_interrupt": after,
         "adapter": args.adapter,
         "runs": args.runs,
         "tokens": args.tokens,
     }
     print(f"# {args.adapter}: {args.runs} runs x {args.tokens} tokens (vLLM on CPU, tiny Qwen3; demo guard)")
-    print(f"{'path':<18} {'ms / token (whole stream)':>26}")
-    print(f"{'direct vLLM':<18} {d:>26.2f}")
-    print(f"{'GuardedGeneration':<18} {g:>26.2f}")
+    print(f"{'path':<18} {'first token ms':>15} {'ms/token after it':>18} {'ms/token overall':>17}")
+    for label, key, overall in (("direct vLLM", "direct", d), ("GuardedGeneration", "guarded", g)):
+        first, then = result[f"{key}_ttft_ms"], result[f"{key}_steady_ms_per_token"]
+        print(f"{label:<18} {first:>15.2f} {then:>18.2f} {overall:>17.2f}")
     print(
         f"ratio {g / d:.2f}x; each token arrives {result['added_p50_ms']:.2f} ms later at p50, "
         f"{result['added_p99_ms']:.2f} ms at p99; tokens generated after the interrupt: {after}"

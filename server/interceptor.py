@@ -194,6 +194,16 @@ class GuardInterceptor:
                 out.append(pending.popleft()[0])
             return out
 
+        async def send(message: pb.ModerateRequest | None) -> None:
+            """Write (None: done writing) unless the sidecar has ended the stream: an interrupt ends
+            it while upstream messages may still be queued here. Its responses, read by
+            pump_sidecar (the interrupt, or the error status), decide what happens next."""
+            try:
+                await (moderation.done_writing() if message is None else moderation.write(message))
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                if not moderation.done():
+                    raise
+
         try:
             await moderation.write(self._open(request, details))
             tasks = [asyncio.create_task(pump_sidecar())]
@@ -230,7 +240,7 @@ class GuardInterceptor:
                         elif text_mode != is_text:
                             raise ValueError("`extract` returned text for some messages and token ids for others")
                         chunk = pb.ChunkRequest(text=payload) if is_text else pb.ChunkRequest(token_ids=list(payload))
-                        await moderation.write(pb.ModerateRequest(chunk=chunk))
+                        await send(pb.ModerateRequest(chunk=chunk))
                         end = offset + len(payload)
                     offset = end
                     if self._mode == pb.OPTIMISTIC:
@@ -240,8 +250,8 @@ class GuardInterceptor:
                         for message in releasable():
                             yield message
                 elif kind == "upstream_end":
-                    await moderation.write(pb.ModerateRequest(close=pb.CloseRequest()))
-                    await moderation.done_writing()
+                    await send(pb.ModerateRequest(close=pb.CloseRequest()))
+                    await send(None)
                 elif kind in ("upstream_error", "guard_error"):
                     raise value
                 elif kind == "guard":

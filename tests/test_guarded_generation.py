@@ -343,5 +343,9 @@ async def test_async_llm_interrupt_aborts_in_process(async_llm_sidecar):
     end = responses[-1].end
     assert end.stopped and end.offset == 1 and end.released_tokens == 0
     assert end.upstream_finish_reason == "abort"  # AsyncLLM's own final output for the request
-    assert vllm_metric(metrics_url, "vllm:num_requests_running") == 0  # vLLM's gauge, on the sidecar's /metrics
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30  # vLLM's gauges (on the sidecar's own /metrics) follow its stats interval
+    while vllm_metric(metrics_url, "vllm:num_requests_running") != 0:
+        assert loop.time() < deadline, "the vLLM request is still running"
+        await asyncio.sleep(0.2)
     print(f"async-llm: {end.tokens_after_interrupt} tokens generated after the interrupt")
