@@ -48,3 +48,25 @@ def test_environment_fills_what_flags_leave_out():
 def test_bad_environment_value_is_named():
     with pytest.raises(ValueError, match="GUARD_MAX_SESSIONS='many'"):
         parse([], {"GUARD_MAX_SESSIONS": "many"})
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"upstream_url": "http://127.0.0.1:8000", "upstream_grpc": "127.0.0.1:50052"}, "one upstream, not"),
+        ({"upstream_engine": "llama.cpp"}, "must be 'async-llm'"),
+        ({"upstream_engine": "async-llm"}, "needs --upstream-model"),
+    ],
+)
+def test_upstream_settings_that_cannot_work_are_refused_at_start(fields, match):
+    from server.app import build_upstream
+
+    with pytest.raises(ValueError, match=match):
+        build_upstream(ServeSettings(**fields))
+
+
+def test_unknown_upstream_input_path_is_refused():
+    from server.guarded_generation import GuardedGenerationService
+
+    with pytest.raises(ValueError, match="auto, token_ids, text"):
+        GuardedGenerationService(guard=None, upstream=None, input_path="bytes")
