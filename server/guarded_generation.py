@@ -73,6 +73,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         stream: ModeratedStream | None = None
+        request_id = ""
         code = grpc.StatusCode.OK
         try:
             runtime = self.guard.holder.ready()
@@ -128,6 +129,8 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
         finally:
             if stream is not None:
                 stream.close("ended" if code == grpc.StatusCode.OK else f"ended: {code.name}")
+            if request_id:  # a stream that ended early (cancelled) did not take the engine's reason
+                getattr(self.upstream, "finish_reasons", {}).pop(request_id, None)
             if code != grpc.StatusCode.OK:
                 self.guard.metrics.errors.labels(code.name).inc()
 

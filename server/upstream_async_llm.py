@@ -43,10 +43,6 @@ class AsyncLlmUpstream:
     async def close(self) -> None:
         self.engine.shutdown()
 
-    def running(self) -> int:
-        """Requests the engine has not finished (0 after an abort has landed)."""
-        return self.engine.get_num_unfinished_requests()
-
     async def tokenize(self, text: str) -> list[int]:
         return self.engine.get_tokenizer().encode(text, add_special_tokens=False)
 
