@@ -29,8 +29,8 @@ import httpx  # noqa: E402
 from servers import running_sidecar  # noqa: E402
 from vllm_runtime import running_vllm_grpc, running_vllm_http, tiny_upstream_model, vllm_metric  # noqa: E402
 
-from guard.conversation import GuardTokenizer, Message  # noqa: E402
-from guard.demo import demo_checkpoint_dir  # noqa: E402
+from guard.demo.stream_model import demo_checkpoint_dir  # noqa: E402
+from guard.text.conversation import GuardTokenizer, Message  # noqa: E402
 from server.qwen3guard.v1 import guard_pb2 as pb  # noqa: E402
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc  # noqa: E402
 

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from guard.demo_judge import demo_judge_dir, judge_examples
-from guard.judge_local import LocalJudge
+from guard.demo.judge_model import demo_judge_dir, judge_examples
+from guard.judge.local import LocalJudge
 
 
 def run(judge: LocalJudge, conversations: list, scored: bool) -> dict:

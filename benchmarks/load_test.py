@@ -27,9 +27,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guard.conversation import GuardTokenizer, Message
-from guard.demo_corpus import SHOWCASE
+from guard.demo.corpus import SHOWCASE
 from guard.runtime import resolve_model
+from guard.text.conversation import GuardTokenizer, Message
 from server.client import SidecarClient
 
 

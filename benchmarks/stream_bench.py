@@ -1,5 +1,5 @@
-"""Stream engine benchmark: per-token cost against context length (ours vs. the naive
-recompute-the-prefix approach of the official helper), and aggregate tokens/s for many
+"""Stream engine benchmark: per-token cost against context length (ours vs. a naive baseline:
+a no-cache recompute of the prefix with our own model code), and aggregate tokens/s for many
 concurrent streams and chunk sizes. Prints a table; ``--json PATH`` writes the results.
 
 Both approaches run the same model code in the same process and run, so ratios are meaningful
@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from guard.cache import cache_dir
-from guard.checkpoint import load_stream_guard
-from guard.checkpoint_writer import SHAPES, write_random_checkpoint
-from guard.engine import EngineLimits, StreamEngine
-from guard.kv_cache import StepLayout, StepRow
+from guard.model.checkpoint import load_stream_guard
+from guard.model.checkpoint_writer import SHAPES, write_random_checkpoint
+from guard.model.engine import EngineLimits, StreamEngine
+from guard.model.kv_cache import StepLayout, StepRow
 from guard.runtime import parse_dtype, resolve_model
 
 

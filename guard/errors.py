@@ -19,3 +19,16 @@ class SessionClosed(EngineError):
 
 class FailedPrecondition(EngineError):
     """The request is valid but cannot be served in the system's current configuration (FAILED_PRECONDITION)."""
+
+
+class SessionExpired(SessionClosed):
+    """The caller left the session idle past the idle timeout: the stream ends with a status,
+    never through the fail mode (the fail mode covers the model failing, not the caller)."""
+
+
+class ModelFailed(SessionClosed):
+    """The guard model failed under this session (a step raised); the policy's fail mode applies."""
+
+
+class EngineStopped(SessionClosed):
+    """The engine is shutting down (draining, or the model went away)."""

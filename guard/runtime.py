@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from guard.checkpoint import LoadedGuard, load_stream_guard
-from guard.conversation import GuardTokenizer
-from guard.engine import EngineLimits, StepStats, StreamEngine
-from guard.moderation import StreamModerator
+from guard.model.checkpoint import LoadedGuard, load_stream_guard
+from guard.model.engine import EngineLimits, StepStats, StreamEngine
+from guard.session.moderation import StreamModerator
+from guard.text.conversation import GuardTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ DTYPES = {
 def resolve_model(spec: str) -> Path:
     """``demo`` -> the cached demo checkpoint (built on first use); anything else is a directory."""
     if spec == "demo":
-        from guard.demo import demo_checkpoint_dir
+        from guard.demo.stream_model import demo_checkpoint_dir
 
         return demo_checkpoint_dir()
     path = Path(spec).expanduser()

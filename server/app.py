@@ -1,7 +1,10 @@
-"""Build and run the sidecar: grpc.aio server, services, health, reflection, metrics, drain.
+"""Build and run the sidecar: grpc.aio server, the registered services, health, reflection,
+metrics, drain. Which services run comes from the registry (server/registry.py); this module
+never names one.
 
-Start-up order: listen with health NOT_SERVING, load the model in a worker thread (RPCs get
-UNAVAILABLE meanwhile), then SERVING. On SIGTERM/SIGINT: health NOT_SERVING, new streams get
+Start-up order: listen with health NOT_SERVING, load each service in turn off the event loop
+(RPCs get UNAVAILABLE meanwhile; each service's health name turns SERVING once it is loaded),
+then the whole server SERVING. On SIGTERM/SIGINT: health NOT_SERVING, new streams get
 UNAVAILABLE, open streams may finish within the grace period, then the engine stops; exit 0.
 """
 
@@ -11,186 +14,137 @@ import asyncio
 import logging
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from guard.policy_loader import PolicyError, PolicyStore
-from guard.runtime import load_runtime
-from server.guarded_generation import GuardedGenerationService
-from server.judge_service import JudgeBackend, JudgeHolder, JudgeService
+from guard.policy.loader import PolicyError, PolicyStore
 from server.metrics import Metrics, MetricsInterceptor
-from server.policies_service import PoliciesService
-from server.qwen3guard.v1 import guard_pb2, guard_pb2_grpc
+from server.registry import HostedService, ServiceContext, ServiceLoadError, ServiceSpec, all_specs
 from server.settings import ServeSettings
-from server.stream_guard import RuntimeHolder, StreamGuardService
+from server.stream_guard import RuntimeHolder
+from server.upstream_factory import build_upstream
+from server.wire_errors import WireErrorsInterceptor
+
+__all__ = ["Sidecar", "build_upstream", "serve", "start_sidecar"]
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAMES = tuple(guard_pb2.DESCRIPTOR.services_by_name[n].full_name for n in ("StreamGuard", "Judge", "Policies"))
-
-
-def load_judge(settings: ServeSettings) -> JudgeBackend | None:
-    """The configured Generative judge: an endpoint, a checkpoint, the demo, or none."""
-    if settings.judge_endpoint:
-        from guard.judge_remote import RemoteJudge
-
-        return JudgeBackend(
-            remote=RemoteJudge(
-                settings.judge_endpoint,
-                model=settings.judge_model or None,
-                retries=settings.judge_retries,
-                concurrency=settings.judge_concurrency,
-            )
-        )
-    if not settings.judge:
-        return None
-    from guard.judge_local import LocalJudge
-    from guard.runtime import parse_dtype
-
-    if settings.judge == "demo":
-        from guard.demo_judge import demo_judge_dir
-
-        path = demo_judge_dir()
-    else:
-        path = settings.judge
-    local = LocalJudge(
-        path,
-        device=settings.device,
-        dtype=parse_dtype(settings.dtype),
-        max_batch=settings.judge_max_batch,
-        wait_ms=settings.judge_wait_ms,
-    )
-    if local.demo:
-        log.warning("event=demo_judge notice=%r", local.demo.get("notice"))
-    return JudgeBackend(local=local)
 
 
 @dataclass
 class Sidecar:
     server: grpc.aio.Server
     port: int
-    holder: RuntimeHolder
     health: health.aio.HealthServicer
     metrics: Metrics
     settings: ServeSettings
     policies: PolicyStore
-    judge: JudgeHolder
-    upstream: object | None = None
+    services: list[tuple[ServiceSpec, HostedService]] = field(default_factory=list)
 
-    async def set_serving(self, serving: bool) -> None:
+    def service(self, name: str) -> HostedService:
+        for spec, hosted in self.services:
+            if spec.name == name:
+                return hosted
+        raise KeyError(f"no service {name!r} is served (served: {', '.join(s.name for s, _ in self.services)})")
+
+    @property
+    def holder(self) -> RuntimeHolder:
+        """The stream model's holder (StreamGuard)."""
+        return self.service("StreamGuard").state.holder
+
+    @property
+    def upstream(self):
+        """GuardedGeneration's upstream engine adapter (None when none is configured)."""
+        return self.service("GuardedGeneration").state.upstream
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        return tuple(name for _, hosted in self.services for name in hosted.service_names)
+
+    async def _set_health(self, names: tuple[str, ...], serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *SERVICE_NAMES):
+        for name in names:
             await self.health.set(name, status)
 
+    async def set_serving(self, serving: bool) -> None:
+        await self._set_health(("", *self.service_names), serving)
+
     async def load(self) -> None:
-        """Load the model off the event loop, then report SERVING."""
-        s = self.settings
-        runtime = await asyncio.to_thread(
-            load_runtime,
-            s.model,
-            device=s.device,
-            dtype=s.dtype,
-            limits=s.engine_limits(),
-            on_step=self.metrics.on_step,
-        )
-        self.holder.runtime = runtime
-        self.judge.backend = await asyncio.to_thread(load_judge, s)
-        log.info(
-            "event=ready model=%r demo=%s judge=%s",
-            runtime.description,
-            runtime.is_demo,
-            s.judge_endpoint or s.judge or "none",
-        )
-        await self.set_serving(True)
+        """Load each service off the event loop, in order; each reports SERVING once loaded, the
+        whole server ("") once all are. A failure stops the start-up with the service's name."""
+        for spec, hosted in self.services:
+            if hosted.load is not None:
+                try:
+                    await hosted.load()
+                except Exception as exc:
+                    raise ServiceLoadError(spec.name, exc) from exc
+            await self._set_health(hosted.service_names, True)
+        log.info("event=ready services=%s", ",".join(spec.name for spec, _ in self.services))
+        await self._set_health(("",), True)
 
     async def drain(self, grace: float | None = None) -> None:
-        """Stop accepting, let open streams finish within the grace period, stop the engine."""
+        """Stop accepting, let open streams finish within the grace period, close every service."""
         grace = self.settings.grace_period_s if grace is None else grace
         log.info("event=draining grace_s=%s", grace)
         self.holder.draining = True
         await self.health.enter_graceful_shutdown()
         self.policies.stop()
         await self.server.stop(grace)
-        if self.holder.runtime is not None:
-            await asyncio.to_thread(self.holder.runtime.close)
-        if self.judge.backend is not None:
-            await self.judge.backend.close()
-        if self.upstream is not None:
-            await self.upstream.close()
+        for spec, hosted in reversed(self.services):
+            if hosted.close is not None:
+                try:
+                    await hosted.close()
+                except Exception:
+                    log.exception("event=service_close_failed service=%s", spec.name)
         log.info("event=stopped")
 
 
-def build_upstream(settings: ServeSettings):
-    """The configured upstream engine for GuardedGeneration, or None (one of the three at most)."""
-    chosen = [name for name in ("upstream_url", "upstream_grpc", "upstream_engine") if getattr(settings, name)]
-    if len(chosen) > 1:
-        raise ValueError(f"configure one upstream, not {' and '.join(chosen)}")
-    if settings.upstream_engine:
-        if settings.upstream_engine != "async-llm":
-            raise ValueError(f"--upstream-engine must be 'async-llm', got {settings.upstream_engine!r}")
-        if not settings.upstream_model:
-            raise ValueError("--upstream-engine async-llm needs --upstream-model (the model directory)")
-        from server.upstream_async_llm import AsyncLlmUpstream
-
-        return AsyncLlmUpstream.from_model(
-            settings.upstream_model,
-            gpu_memory_utilization=settings.upstream_gpu_memory_utilization,
-            max_model_len=settings.upstream_max_model_len or None,
-            dtype="auto" if settings.device == "cpu" else settings.dtype,
-        )
-    if settings.upstream_grpc:
-        from server.upstream import VllmGrpcUpstream
-
-        return VllmGrpcUpstream(settings.upstream_grpc)
-    if settings.upstream_url:
-        from server.upstream import VllmHttpUpstream
-
-        return VllmHttpUpstream(settings.upstream_url, model=settings.upstream_model or None)
-    return None
-
-
 async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sidecar:
-    """Start listening (health NOT_SERVING) and, if ``load``, load the model.
+    """Start listening (health NOT_SERVING) and, if ``load``, load every service.
 
     Invalid policies stop the start-up (PolicyError): a sidecar never starts with a broken policy.
+    A service that fails to build or load stops it too (ServiceLoadError names the service).
     """
     metrics = Metrics()
     policies = PolicyStore(settings.policy_dir(), settings.default_domain, on_change=metrics.on_policy_change)
     metrics.on_policy_change(policies)
-    if settings.policy_dir() is not None and settings.policy_poll_s > 0:
-        policies.watch(settings.policy_poll_s)
     server = grpc.aio.server(
-        interceptors=[MetricsInterceptor(metrics)],
+        interceptors=[MetricsInterceptor(metrics), WireErrorsInterceptor()],
         options=[("grpc.max_receive_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
     )
-    holder = RuntimeHolder()
-    stream_guard = StreamGuardService(holder, settings, metrics, policies)
-    guard_pb2_grpc.add_StreamGuardServicer_to_server(stream_guard, server)
-    upstream = build_upstream(settings)
-    if getattr(upstream, "name", "") == "async-llm":  # vLLM's own metrics live in this process
-        import prometheus_client
-
-        metrics.include(prometheus_client.REGISTRY)
-    guarded = GuardedGenerationService(stream_guard, upstream, settings.upstream_input_path)
-    guard_pb2_grpc.add_GuardedGenerationServicer_to_server(guarded, server)
-    guard_pb2_grpc.add_PoliciesServicer_to_server(PoliciesService(policies), server)
-    judge = JudgeHolder()
-    guard_pb2_grpc.add_JudgeServicer_to_server(JudgeService(judge, policies, metrics), server)
+    context = ServiceContext(settings, metrics, policies)
+    hosted_services = []
+    for spec in all_specs():
+        if not spec.enabled(settings):
+            continue
+        try:
+            hosted = spec.build(context)
+        except Exception as exc:
+            raise ServiceLoadError(spec.name, exc) from exc
+        context.built[spec.name] = hosted
+        hosted.add_to_server(server)
+        hosted_services.append((spec, hosted))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    names = tuple(name for _, hosted in hosted_services for name in hosted.service_names)
+    reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.address}")
-    sidecar = Sidecar(server, port, holder, health_servicer, metrics, settings, policies, judge, upstream)
+    sidecar = Sidecar(server, port, health_servicer, metrics, settings, policies, hosted_services)
     await sidecar.set_serving(False)
+    if settings.policy_dir() is not None and settings.policy_poll_s > 0:
+        policies.watch(settings.policy_poll_s)
     await server.start()
-    log.info("event=listening address=%s port=%d", settings.address, port)
+    log.info("event=listening address=%s port=%d services=%s", settings.address, port, ",".join(names))
     if load:
-        await sidecar.load()
+        try:
+            await sidecar.load()
+        except BaseException:
+            await sidecar.drain(0)
+            raise
     return sidecar
 
 
@@ -206,6 +160,10 @@ async def serve(settings: ServeSettings) -> int:
         log.error("event=policy_invalid errors=%r", str(exc))
         print(f"guard: error: invalid policies:\n{exc}", file=sys.stderr)
         return 1
+    except ServiceLoadError as exc:
+        log.error("event=service_failed service=%s error=%r", exc.service, str(exc))
+        print(f"guard: error: {exc}", file=sys.stderr)
+        return 1
     if settings.metrics_port:
         sidecar.metrics.serve_http(settings.metrics_port)
         log.info("event=metrics port=%d", settings.metrics_port)
@@ -213,7 +171,9 @@ async def serve(settings: ServeSettings) -> int:
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({loader, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if loader in done and loader.exception() is not None:
-        log.error("event=load_failed error=%s", loader.exception())
+        error = loader.exception()
+        log.error("event=load_failed error=%s", error)
+        print(f"guard: error: {error}", file=sys.stderr)
         await sidecar.drain(0)
         return 1
     await stop.wait()

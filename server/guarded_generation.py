@@ -15,6 +15,7 @@ and the stream ends with UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -22,15 +23,15 @@ from dataclasses import dataclass
 
 import grpc
 
-from guard.conversation import RenderedPrompt, parse_messages
-from guard.errors import EngineError, FailedPrecondition, InvalidInput
-from guard.moderation import ModeratedStream
-from guard.policy import FailMode, Policy
-from guard.release import ReleaseTracker
+from guard.errors import FailedPrecondition, InvalidInput
+from guard.policy.rules import FailMode, Policy
+from guard.session.response_session import ChunkOutcome, FinalOutcome, ResponseSession
+from guard.text.conversation import RenderedPrompt, parse_messages
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
-from server.stream_guard import ModelFailure, StreamGuardService, _StreamState, _Unavailable, status_of
+from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode
 from server.upstream import Sampling, Upstream, UpstreamError, UpstreamPrompt
+from server.wire import Unavailable, chunk_pb, error_status
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,6 @@ MAX_TOKENS = 4096
 INPUT_PATHS = ("auto", "token_ids", "text")
 # Special tokens, CJK, emoji, runs of spaces, tabs and code: tokenizers that agree on this agree.
 TOKENIZER_PROBE = "<|im_start|>user\nHello, 世界! 🙂👍🏽  x += 1;\n\tdef f(a):  return a  # done<|im_end|>\n"
-
-
-@dataclass
-class _Progress:
-    """Where one generation stands."""
-
-    generated: int = 0  # upstream tokens received
-    judged: int = 0  # guard tokens judged
-    released_before: int = 0  # guard tokens already handed to the caller
-    finish_reason: str | None = None
 
 
 class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
@@ -72,13 +63,13 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        stream: ModeratedStream | None = None
-        request_id = ""
-        code = grpc.StatusCode.OK
+        session: ResponseSession | None = None
+        request_id = request.request_id
+        code, message = grpc.StatusCode.OK, ""
         try:
             runtime = self.guard.holder.ready()
             if self.upstream is None:
-                raise _Unavailable("no upstream engine is configured (guard serve --upstream-url / --upstream-grpc)")
+                raise Unavailable("no upstream engine is configured (guard serve --upstream-url / --upstream-grpc)")
             sampling = self._sampling(request.sampling)
             policy = self.guard.policies.get(request.domain)
             rendered = self._rendered(runtime, request)
@@ -95,44 +86,48 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
             stream = runtime.moderator.open(
                 prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy
             )
-            request_id = request.request_id or uuid.uuid4().hex
-            state = _StreamState()
-            prompt = (await self.guard._prompt_response(stream, policy, state)).prompt
+            session = ResponseSession(
+                stream,
+                policy,
+                requested_release_mode(request.release_mode, policy),
+                runtime.tokenizer.hf,
+                draining=lambda: self.guard.holder.draining,
+            )
+            request_id = request_id or uuid.uuid4().hex
+            prompt = await session.judge_prompt()
+            self.guard.record_prompt(policy, prompt)
+            prompt_msg = prompt_pb(prompt, policy)
             yield pb.GenerateResponse(
                 start=pb.GenerationStart(
-                    prompt=prompt, upstream=self.upstream.name, input_path=path, upstream_request_id=request_id
+                    prompt=prompt_msg, upstream=self.upstream.name, input_path=path, upstream_request_id=request_id
                 )
             )
-            if prompt.verdict.action == pb.BLOCK:
-                reason = prompt.reason or f"prompt blocked by the {policy.name} policy ({prompt.verdict.category})"
+            if prompt.blocked:
+                reason = prompt.model_failure or (
+                    f"prompt blocked by the {policy.name} policy ({prompt_msg.verdict.category})"
+                )
                 yield pb.GenerateResponse(end=pb.GenerationEnd(finish_reason="blocked", stopped=True, reason=reason))
                 return
-            opened = pb.OpenRequest(release_mode=request.release_mode)
-            release = ReleaseTracker(
-                self.guard._release_mode(opened, policy), runtime.tokenizer.hf, policy.redact_marker
-            )
-            generation = _Generation(self, stream, policy, release, state, request_id, path == "text")
-            async for response in generation.run(upstream_prompt, sampling):
-                yield response
-        except _Unavailable as exc:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, str(exc))
-        except UpstreamError as exc:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"upstream: {exc}")
-        except EngineError as exc:
-            code = status_of(exc)
-            await context.abort(code, str(exc))
+            generation = _Generation(self, session, request_id, path == "text")
+            async with contextlib.aclosing(generation.run(upstream_prompt, sampling)) as responses:
+                async for response in responses:
+                    yield response
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except UpstreamError as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"upstream: {exc}"
+        except Exception as exc:
+            code, message = error_status(exc, request_id=request_id, rpc="GuardedGeneration.Generate")
         finally:
-            if stream is not None:
-                stream.close("ended" if code == grpc.StatusCode.OK else f"ended: {code.name}")
+            if session is not None:
+                session.close("ended" if code == grpc.StatusCode.OK else f"ended: {code.name}")
             if request_id:  # a stream that ended early (cancelled) did not take the engine's reason
                 getattr(self.upstream, "finish_reasons", {}).pop(request_id, None)
             if code != grpc.StatusCode.OK:
                 self.guard.metrics.errors.labels(code.name).inc()
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, message)
 
     @staticmethod
     def _sampling(params: pb.SamplingParams) -> Sampling:
@@ -167,27 +162,28 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
 
 _END = object()  # the upstream finished normally
 ABORT_WAIT_S = 2.0  # how long an aborted upstream stream may take to end by itself
+READ_AHEAD = 1024  # upstream deltas queued ahead of the guard (the upstream waits beyond)
+
+
+@dataclass
+class _Progress:
+    """Where one generation stands."""
+
+    generated: int = 0  # upstream tokens received
+    finish_reason: str | None = None
+    stopped: bool = False  # interrupted: what still arrives is counted, not queued
 
 
 class _Generation:
-    """One guarded generation: upstream deltas in, moderated and released chunks out."""
+    """One guarded generation: upstream deltas in, the session's outcomes out as released chunks."""
 
     def __init__(
-        self,
-        service: GuardedGenerationService,
-        stream: ModeratedStream,
-        policy: Policy,
-        release: ReleaseTracker,
-        state: _StreamState,
-        request_id: str,
-        text_path: bool,
+        self, service: GuardedGenerationService, session: ResponseSession, request_id: str, text_path: bool
     ) -> None:
         self.guard = service.guard
         self.upstream = service.upstream
-        self.stream = stream
-        self.policy = policy
-        self.release = release
-        self.state = state
+        self.session = session
+        self.policy: Policy = session.policy
         self.request_id = request_id
         self.text_path = text_path
         self.progress = _Progress()
@@ -195,12 +191,13 @@ class _Generation:
         self.max_text_chars = service.guard.settings.max_text_chars
 
     async def run(self, prompt: UpstreamPrompt, sampling: Sampling) -> AsyncIterator[pb.GenerateResponse]:
-        """A reader task drains the upstream into a queue while the guard judges; whatever has
-        queued up meanwhile is judged as one chunk, so a guard slower than the engine catches up
+        """A reader task drains the upstream into a bounded queue while the guard judges; whatever
+        has queued up meanwhile is judged as one chunk, so a guard slower than the engine catches up
         instead of falling further behind (and an interrupt lands sooner upstream)."""
-        queue: asyncio.Queue = asyncio.Queue()
-        reader = asyncio.create_task(self._read(self.upstream.generate(self.request_id, prompt, sampling), queue))
-        interrupt: pb.GenerateResponse | None = None
+        queue: asyncio.Queue = asyncio.Queue(maxsize=READ_AHEAD)
+        deltas = self.upstream.generate(self.request_id, prompt, sampling)
+        reader = asyncio.create_task(self._read(deltas, queue))
+        interrupt: ChunkOutcome | None = None
         error: UpstreamError | None = None
         try:
             done = False
@@ -216,14 +213,16 @@ class _Generation:
                     if queue.empty() or len(ids) >= self.max_chunk_tokens // 2 or len(text) >= self.max_text_chars // 2:
                         break
                     item = queue.get_nowait()
-                response = await self._moderate(ids, text)
-                if response is None:
+                outcome = await self._moderate(ids, text)
+                if outcome is None:
                     continue
-                if response.chunk.verdict.action == pb.INTERRUPT:
-                    interrupt = response  # abort upstream first, then tell the caller
+                if outcome.interrupted:
+                    interrupt = outcome  # abort upstream first, then tell the caller
                     break
-                yield response
+                yield self._chunk(outcome)
             if interrupt is not None:
+                self.progress.stopped = True
+                _drain(queue)
                 await self._abort(reader)
         finally:
             if not reader.done():
@@ -234,10 +233,10 @@ class _Generation:
                 yield response
             raise error
         if interrupt is not None:
-            yield interrupt
-            yield self._interrupted(interrupt.chunk.verdict)
+            yield self._chunk(interrupt)
+            yield self._end(self.session.final())
             return
-        async for response in self._finish(self.progress.finish_reason or "stop", "completed"):
+        async for response in self._finish(self.progress.finish_reason or "stop"):
             yield response
 
     async def _abort(self, reader: asyncio.Task) -> None:
@@ -252,78 +251,62 @@ class _Generation:
             await asyncio.wait({reader}, timeout=ABORT_WAIT_S)
 
     async def _read(self, deltas: AsyncIterator, queue: asyncio.Queue) -> None:
-        """Upstream deltas into the queue, then _END or the UpstreamError; counts what arrives."""
+        """Upstream deltas into the queue, then _END or the UpstreamError; counts what arrives.
+        The upstream generator is closed explicitly, whatever ends the reader."""
         try:
             async for delta in deltas:
                 self.progress.generated += len(delta.token_ids)
                 self.progress.finish_reason = delta.finish_reason or self.progress.finish_reason
-                queue.put_nowait(delta)
-            queue.put_nowait(_END)
+                if not self.progress.stopped:
+                    await queue.put(delta)
+            if not self.progress.stopped:
+                await queue.put(_END)
         except UpstreamError as exc:
-            queue.put_nowait(exc)
+            if not self.progress.stopped:
+                await queue.put(exc)
         finally:
             await deltas.aclose()
 
-    async def _moderate(self, token_ids: list[int], text: str) -> pb.GenerateResponse | None:
+    async def _moderate(self, token_ids: list[int], text: str) -> ChunkOutcome | None:
         """Judge one delta; None when it brings nothing to judge yet."""
         if self.text_path:
             if not text:
                 return None
-            if self.state.degraded:
-                response = self.guard._unjudged_response(self.release, self.progress.judged, text=text)
-                return self._chunk(response.chunk)
-            future = self.stream.feed_text(text)
-            self.release.receive(list(self.stream.last_submitted_ids), text)
+            pending = self.session.submit_text(text)
         else:
             if not token_ids:
                 return None
-            self.release.receive(token_ids)
-            if self.state.degraded:
-                return self._chunk(self.guard._unjudged_response(self.release, self.progress.judged).chunk)
-            future = self.stream.feed_ids(token_ids)
-        return await self._verdict(future)
+            pending = self.session.submit_ids(token_ids)
+        outcome = await self.session.resolve(pending)
+        if outcome is not None:
+            self.guard.record_chunk(self.policy, outcome)
+        return outcome
 
-    async def _verdict(self, future) -> pb.GenerateResponse:
-        try:
-            chunk = await self.guard._await_verdict(future, self.policy)
-        except ModelFailure as failure:
-            response = self.guard._fail(self.policy, str(failure), self.release, self.progress.judged, self.state)
-        else:
-            self.progress.judged = chunk.tokens[-1].index + 1 if chunk.tokens else self.progress.judged
-            response = self.guard._chunk_response(chunk, self.release, self.progress.judged, False)
-        return self._chunk(response.chunk)
-
-    def _chunk(self, verdict: pb.ChunkVerdict) -> pb.GenerateResponse:
+    def _chunk(self, outcome: ChunkOutcome) -> pb.GenerateResponse:
         """A released chunk: the text always, guard token ids on the token path (they are the upstream's)."""
-        ids = [] if self.text_path else self.release.released_ids(self.progress.released_before)
-        self.progress.released_before = self.release.released
-        return pb.GenerateResponse(chunk=pb.GenerationChunk(token_ids=ids, text=verdict.released_text, verdict=verdict))
+        ids = [] if self.text_path else list(outcome.released_ids)
+        return pb.GenerateResponse(
+            chunk=pb.GenerationChunk(token_ids=ids, text=outcome.released_text, verdict=chunk_pb(outcome, False))
+        )
 
-    async def _judge_text_tail(self) -> pb.GenerateResponse | None:
-        """Text path: the incremental tokenizer's held-back tail is judged at the end."""
-        if not self.text_path or self.state.degraded or not self.stream.text_mode:
-            return None
-        future = self.stream.end_text()
-        self.release.receive(list(self.stream.last_submitted_ids), "")
-        return await self._verdict(future)
-
-    async def _finish(self, finish_reason: str, reason: str) -> AsyncIterator[pb.GenerateResponse]:
-        tail = await self._judge_text_tail()
+    async def _finish(self, finish_reason: str, reason: str = "completed") -> AsyncIterator[pb.GenerateResponse]:
+        """The upstream ended: judge a text stream's held-back tail, release the rest, end."""
+        tail = await self.session.resolve(self.session.submit_end())
         if tail is not None:
-            yield tail
-            if tail.chunk.verdict.action == pb.INTERRUPT:
-                yield self._interrupted(tail.chunk.verdict)
-                return
-        text = self.release.finish(interrupted=False)
-        ids = [] if self.text_path else self.release.released_ids(self.progress.released_before)
-        self.progress.released_before = self.release.released
-        if ids or text:
-            yield pb.GenerateResponse(chunk=pb.GenerationChunk(token_ids=ids, text=text))
+            self.guard.record_chunk(self.policy, tail)
+            yield self._chunk(tail)
+        final = self.session.final()
+        if final.interrupted:
+            yield self._end(final)
+            return
+        ids = [] if self.text_path else list(final.released_ids)
+        if ids or final.released_text:
+            yield pb.GenerateResponse(chunk=pb.GenerationChunk(token_ids=ids, text=final.released_text))
         yield pb.GenerateResponse(
             end=pb.GenerationEnd(
                 finish_reason=finish_reason,
                 upstream_finish_reason=self._upstream_finish_reason(),
-                released_tokens=self.release.released,
+                released_tokens=final.released,
                 generated_tokens=self.progress.generated,
                 reason=reason,
             )
@@ -343,14 +326,14 @@ class _Generation:
             async for response in self._finish("upstream_error", f"upstream failed: {exc}; fail open"):
                 yield response
             return
-        withheld = self.release.received - self.release.released
+        final = self.session.withhold(f"upstream failed: {exc}; fail closed")
         yield pb.GenerateResponse(
             end=pb.GenerationEnd(
                 finish_reason="upstream_error",
                 stopped=True,
-                reason=f"upstream failed: {exc}; fail closed: {withheld} held-back tokens withheld",
+                reason=f"{final.reason}: {final.withheld} held-back tokens withheld",
                 upstream_finish_reason=self._upstream_finish_reason(),
-                released_tokens=self.release.released,
+                released_tokens=final.released,
                 generated_tokens=self.progress.generated,
             )
         )
@@ -359,28 +342,32 @@ class _Generation:
         """What the engine reported for this request, where the adapter records it (taken once)."""
         return getattr(self.upstream, "finish_reasons", {}).pop(self.request_id, "")
 
-    def _interrupted(self, verdict: pb.ChunkVerdict) -> pb.GenerateResponse:
-        index = self.stream.flag_index
-        category = self.stream.flag_category or ""
-        reason = verdict.reason or f"interrupted at response token {index} ({category or 'unsafe'})"
-        self.guard.metrics.interrupts.labels(category).inc()
+    def _end(self, final: FinalOutcome) -> pb.GenerateResponse:
+        """The end of an interrupted generation (the rule fired, or the model failed closed)."""
+        self.guard.metrics.interrupts.labels(final.category).inc()
         end = pb.GenerationEnd(
             finish_reason="interrupted",
             stopped=True,
-            reason=reason,
-            category=category,
-            released_tokens=self.release.released,
+            reason=final.reason,
+            category=final.category,
+            released_tokens=final.released,
             generated_tokens=self.progress.generated,
         )
         end.upstream_finish_reason = self._upstream_finish_reason()
-        if index is not None:
-            end.offset = index
+        if final.flag_index is not None:
+            end.offset = final.flag_index
             if not self.text_path:  # upstream tokens are guard tokens: count those past the flag
-                end.tokens_after_interrupt = self.progress.generated - (index + 1)
+                end.tokens_after_interrupt = self.progress.generated - (final.flag_index + 1)
         log.info(
             "event=generation_interrupted request_id=%s offset=%s generated=%d",
             self.request_id,
-            index,
+            final.flag_index,
             self.progress.generated,
         )
         return pb.GenerateResponse(end=end)
+
+
+def _drain(queue: asyncio.Queue) -> None:
+    """Drop what is queued (after an interrupt nothing more is judged)."""
+    while not queue.empty():
+        queue.get_nowait()

@@ -14,19 +14,19 @@ from dataclasses import dataclass
 
 import grpc
 
-from guard.actions import Action
-from guard.conversation import parse_messages
-from guard.errors import InvalidInput
-from guard.judge_local import LocalJudge
-from guard.judge_remote import JudgeUnavailable, RemoteJudge
-from guard.judgment import JudgeMode, Judgment, JudgmentParseError
-from guard.labels import RiskLevel
-from guard.policy import FailMode, Policy
-from guard.policy_loader import PolicyStore
+from guard.errors import EngineError, InvalidInput
+from guard.judge.judgment import JudgeMode, Judgment, JudgmentParseError
+from guard.judge.local import LocalJudge
+from guard.judge.remote import JudgeUnavailable, RemoteJudge
+from guard.model.labels import RiskLevel
+from guard.policy.actions import Action
+from guard.policy.loader import PolicyStore
+from guard.policy.rules import FailMode, Policy
+from guard.text.conversation import parse_messages
 from server.metrics import Metrics
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
-from server.stream_guard import ACTION, RISK
+from server.wire import ACTION, RISK, status_of
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ class JudgeService(pb_grpc.JudgeServicer):
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.Judgment:
         try:
             return await self._classify(request)
-        except InvalidInput as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineError as exc:  # bad input, a full judge queue, the judge shutting down
+            await context.abort(status_of(exc), str(exc))
         except _NoJudge as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
@@ -95,8 +95,8 @@ class JudgeService(pb_grpc.JudgeServicer):
             )
         try:
             judgments = await asyncio.gather(*(self._classify(r) for r in request.requests))
-        except InvalidInput as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except EngineError as exc:  # bad input, a full judge queue, the judge shutting down
+            await context.abort(status_of(exc), str(exc))
         except _NoJudge as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return pb.ClassifyBatchResponse(judgments=judgments)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import grpc
 import yaml
 
 from guard.errors import InvalidInput
-from guard.labels import RiskLevel
-from guard.policy_loader import PolicyStore
+from guard.model.labels import RiskLevel
+from guard.policy.loader import PolicyStore
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
-from server.stream_guard import ACTION, RISK
+from server.wire import ACTION, RISK
 
 LEVEL_OF = {pb.SAFE: RiskLevel.SAFE, pb.CONTROVERSIAL: RiskLevel.CONTROVERSIAL, pb.UNSAFE: RiskLevel.UNSAFE}
 STAGE_OF = {pb.PROMPT: "prompt", pb.RESPONSE: "response"}
@@ -61,6 +62,9 @@ class PoliciesService(pb_grpc.PoliciesServicer):
                 unknown = [k for k in request.probabilities if k.lower() not in PROB_KEYS]
                 if unknown:
                     raise InvalidInput(f"`probabilities` keys must be Safe, Unsafe, Controversial; got {unknown}")
+                for key, value in request.probabilities.items():
+                    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                        raise InvalidInput(f"`probabilities[{key!r}]` must be a number between 0 and 1, got {value:g}")
                 probs = {PROB_KEYS[k.lower()]: v for k, v in request.probabilities.items()}
             policy = self.store.get(request.domain)
         except InvalidInput as exc:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from guard.engine import EngineLimits
+if TYPE_CHECKING:
+    from guard.model.engine import EngineLimits
+
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class ServeSettings:
     judge_concurrency: int = 16  # concurrent endpoint requests
     judge_max_batch: int = 8  # local judge: requests batched into one generation
     judge_wait_ms: float = 5.0  # local judge: how long a batch waits to fill
+    judge_max_queue: int = 1024  # local judge: requests waiting for a batch (RESOURCE_EXHAUSTED beyond)
     upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
     upstream_model: str = ""  # model name there; empty = the first one it lists
     upstream_grpc: str = ""  # or vLLM's gRPC server (host:port): token ids in and out, Abort RPC
@@ -49,8 +53,24 @@ class ServeSettings:
     grace_period_s: float = 20.0  # drain on SIGTERM; keep below terminationGracePeriodSeconds
     log_level: str = "INFO"
     log_content: bool = False  # operators may opt in to prompt/response text in logs
+    # Options of plug-in services (server/registry.py), as (name, value) pairs: --{name} / GUARD_{NAME}.
+    plugin_options: tuple[tuple[str, Any], ...] = field(default=(), metadata={"flag": False})
+
+    def plugin_option(self, name: str) -> Any:
+        """A plug-in option's value, or its declared default."""
+        given = dict(self.plugin_options)
+        if name in given:
+            return given[name]
+        from server.registry import plugin_options, plugin_specs
+
+        for option in plugin_options(plugin_specs()):
+            if option.name == name:
+                return option.default
+        raise KeyError(f"no service declares the option {name!r}")
 
     def engine_limits(self) -> EngineLimits:
+        from guard.model.engine import EngineLimits  # the model runtime (torch): only when serving
+
         return EngineLimits(
             max_sessions=self.max_sessions,
             max_tokens_per_session=self.max_tokens_per_session,
@@ -83,32 +103,62 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
+def _settings_fields() -> list:
+    return [f for f in fields(ServeSettings) if f.metadata.get("flag", True)]
+
+
+def _add_flag(group, name: str, kind: str, default: Any, help_text: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    help_text = f"{help_text} (env {env_name(name)}, default {default!r})".strip()
+    if kind == "bool":
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+    else:
+        group.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None, help=help_text)
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per setting: ``--max-sessions`` <-> ``GUARD_MAX_SESSIONS`` <-> ``max_sessions``."""
-    for f in fields(ServeSettings):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"(env {env_name(f.name)}, default {f.default!r})"
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+    """One flag per setting: ``--max-sessions`` <-> ``GUARD_MAX_SESSIONS`` <-> ``max_sessions``,
+    grouped by the service that owns it (the registry says which), plug-in options included."""
+    from server.registry import all_specs
+
+    specs = all_specs()
+    owner = {name: spec for spec in specs for name in spec.settings_fields}
+    groups = {spec.name: parser.add_argument_group(spec.name, spec.description) for spec in specs}
+    general = parser.add_argument_group("server")
+    for f in _settings_fields():
+        group = groups[owner[f.name].name] if f.name in owner else general
+        _add_flag(group, f.name, str(f.type), f.default, "")
+    for spec in specs:
+        for option in spec.options:
+            _add_flag(groups[spec.name], option.name, option.type.__name__, option.default, option.help)
+
+
+def _value(raw: str, kind: str, name: str) -> Any:
+    parse = {"int": int, "float": float, "bool": _parse_bool}.get(kind, str)
+    try:
+        return parse(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(name)}={raw!r} is not a valid {kind}") from None
 
 
 def settings_from(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeSettings:
+    from server.registry import plugin_options, plugin_specs
+
     environ = os.environ if environ is None else environ
-    values = {}
-    for f in fields(ServeSettings):
+    values: dict[str, Any] = {}
+    for f in _settings_fields():
         flag_value = getattr(args, f.name, None)
         if flag_value is not None:
             values[f.name] = flag_value
-            continue
-        raw = environ.get(env_name(f.name))
-        if raw is None:
-            continue
-        kind = {"int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
-        try:
-            values[f.name] = kind(raw)
-        except ValueError:
-            raise ValueError(f"{env_name(f.name)}={raw!r} is not a valid {f.type}") from None
-    return ServeSettings(**values)
+        elif (raw := environ.get(env_name(f.name))) is not None:
+            values[f.name] = _value(raw, str(f.type), f.name)
+    plugin: list[tuple[str, Any]] = []
+    for option in plugin_options(plugin_specs()):
+        flag_value = getattr(args, option.name, None)
+        if flag_value is not None:
+            plugin.append((option.name, flag_value))
+        elif (raw := environ.get(env_name(option.name))) is not None:
+            plugin.append((option.name, _value(raw, option.type.__name__, option.name)))
+        else:
+            plugin.append((option.name, option.default))
+    return ServeSettings(**values, plugin_options=tuple(plugin))

@@ -16,42 +16,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 
 import grpc
 
 import guard
-from guard.actions import Action
-from guard.errors import EngineError, FailedPrecondition, InvalidInput, LimitExceeded, SessionClosed
-from guard.labels import RiskLevel
-from guard.moderation import ChunkVerdict, ModeratedStream
-from guard.policy import FailMode, Policy, ReleaseDefault
-from guard.policy_loader import PolicyStore
-from guard.release import ReleaseMode, ReleaseTracker
+from guard.errors import InvalidInput
+from guard.policy.actions import Action
+from guard.policy.loader import PolicyStore
+from guard.policy.rules import Policy, ReleaseDefault
 from guard.runtime import GuardRuntime
-from guard.verdict import Verdict
+from guard.session.moderation import ModeratedStream
+from guard.session.release import ReleaseMode
+from guard.session.response_session import ChunkOutcome, Pending, PromptOutcome, ResponseSession
 from server.metrics import Metrics
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 from server.settings import ServeSettings
+from server.wire import ACTION, Unavailable, chunk_pb, error_status, final_pb, verdict_pb
 
 log = logging.getLogger(__name__)
 
-RISK = {"SAFE": pb.SAFE, "CONTROVERSIAL": pb.CONTROVERSIAL, "UNSAFE": pb.UNSAFE}
-ACTION = {a: pb.Action.Value(a.name) for a in Action}
-
-
-def status_of(error: EngineError) -> grpc.StatusCode:
-    if isinstance(error, InvalidInput):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(error, LimitExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(error, FailedPrecondition):
-        return grpc.StatusCode.FAILED_PRECONDITION
-    if isinstance(error, SessionClosed) and "shutting down" in str(error):
-        return grpc.StatusCode.UNAVAILABLE
-    return grpc.StatusCode.ABORTED
+READ_AHEAD = 64  # chunks submitted to the engine and not yet answered, per stream (backpressure beyond)
 
 
 class RuntimeHolder:
@@ -63,47 +49,19 @@ class RuntimeHolder:
 
     def ready(self) -> GuardRuntime:
         if self.draining:
-            raise _Unavailable("the sidecar is draining (shutting down); retry on another replica")
+            raise Unavailable("the sidecar is draining (shutting down); retry on another replica")
         if self.runtime is None:
-            raise _Unavailable("the model is still loading; retry shortly")
+            raise Unavailable("the model is still loading; retry shortly")
         return self.runtime
-
-
-class _Unavailable(Exception):
-    pass
 
 
 @dataclass
 class _Item:
-    kind: str  # chunk | close | eof | error
-    future: object = None
+    """One request, read and submitted, for the responder to answer in order."""
+
+    pending: Pending | None = None
+    last: bool = False  # close or end of the request stream
     error: BaseException | None = None
-    unjudged_text: str | None = None  # fail open, text stream: released as it came
-
-
-@dataclass
-class _StreamState:
-    """What the request reader and the responder share."""
-
-    degraded: bool = False  # fail open happened: further chunks are released unjudged
-
-
-class ModelFailure(Exception):
-    """The guard model did not answer in time, or failed; the policy's fail mode applies."""
-
-
-def verdict_pb(verdict: Verdict, level: RiskLevel, action: Action, probabilities: bool) -> pb.Verdict:
-    msg = pb.Verdict(
-        risk=RISK[level.name],
-        risk_label=verdict.risk_label,
-        risk_probability=verdict.risk_probability,
-        category=verdict.category or "",
-        action=ACTION[action],
-    )
-    if probabilities:
-        msg.risk_probs.update(verdict.risk_probs)
-        msg.category_probs.update(verdict.category_probs)
-    return msg
 
 
 class StreamGuardService(pb_grpc.StreamGuardServicer):
@@ -118,7 +76,7 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
     async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
         try:
             runtime = self.holder.ready()
-        except _Unavailable as exc:
+        except Unavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         cfg = runtime.guard.config
         limits = runtime.engine.limits
@@ -158,10 +116,10 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
     async def Moderate(
         self, request_iterator: AsyncIterator[pb.ModerateRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModerateResponse]:
-        stream: ModeratedStream | None = None
-        release: ReleaseTracker | None = None
+        session: ResponseSession | None = None
         reader: asyncio.Task | None = None
-        code = grpc.StatusCode.OK
+        request_id = ""
+        code, message = grpc.StatusCode.OK, ""
         try:
             runtime = self.holder.ready()
             first = await anext(aiter(request_iterator), None)
@@ -170,85 +128,69 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
             if first.WhichOneof("kind") != "open":
                 raise InvalidInput(f"the first message must be `open`, got `{first.WhichOneof('kind') or 'empty'}`")
             opened = first.open
+            request_id = opened.request_id
             policy = self._policy_for(opened)
             stream = self._open(runtime, opened, policy)
+            session = ResponseSession(
+                stream, policy, requested_release_mode(opened.release_mode, policy), runtime.tokenizer.hf,
+                draining=lambda: self.holder.draining,
+            )
             self.metrics.live_sessions.set(runtime.engine.live_sessions)
             log.info(
                 "event=stream_open session=%s request_id=%s domain=%s policy=%s",
-                stream.id,
-                opened.request_id,
-                policy.name,
-                policy.version,
+                session.id, request_id, policy.name, policy.version,
             )
             if self.settings.log_content:  # operator opt-in only: the conversation text
                 log.info(
                     "event=stream_prompt session=%s messages=%r",
-                    stream.id,
-                    [(m.role, m.content) for m in opened.messages],
+                    session.id, [(m.role, m.content) for m in opened.messages],
                 )
-            probabilities = opened.include_probabilities
-            state = _StreamState()
-            prompt_response = await self._prompt_response(stream, policy, state)
-            yield prompt_response
-            if prompt_response.prompt.verdict.action == pb.BLOCK and prompt_response.prompt.reason:
-                yield self._final_failed(prompt_response.prompt.reason, release=None)
+            prompt = await session.judge_prompt()
+            self.record_prompt(policy, prompt)
+            yield pb.ModerateResponse(prompt=prompt_pb(prompt, policy))
+            if prompt.fail_closed:
+                self.metrics.interrupts.labels("").inc()
+                yield pb.ModerateResponse(final=final_pb(session.final()))
                 return
-            mode = self._release_mode(opened, policy)
-            release = ReleaseTracker(mode, runtime.tokenizer.hf, policy.redact_marker)
-            queue: asyncio.Queue[_Item] = asyncio.Queue()
-            reader = asyncio.create_task(self._read(request_iterator, stream, release, queue, state))
-            judged = 0
+            probabilities = opened.include_probabilities
+            queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=READ_AHEAD)
+            reader = asyncio.create_task(self._read(request_iterator, session, queue))
             while True:
                 item = await queue.get()
-                if item.kind == "error":
+                if item.error is not None:
                     raise item.error
-                if item.future is None:  # close/eof with nothing to judge, or a degraded chunk
-                    if item.kind == "chunk":
-                        yield self._unjudged_response(release, judged, text=item.unjudged_text)
-                        continue
-                    yield self._final(stream, release, judged, interrupted=False)
+                outcome = await session.resolve(item.pending) if item.pending is not None else None
+                if outcome is not None:
+                    self.record_chunk(policy, outcome)
+                    yield pb.ModerateResponse(chunk=chunk_pb(outcome, probabilities))
+                if session.stopped or item.last:
+                    final = session.final()
+                    if final.interrupted:
+                        self.metrics.interrupts.labels(final.category).inc()
+                    yield pb.ModerateResponse(final=final_pb(final))
                     return
-                try:
-                    chunk = await self._await_verdict(item.future, policy)
-                except ModelFailure as failure:
-                    response = self._fail(policy, str(failure), release, judged, state, item.unjudged_text)
-                    yield response
-                    if response.chunk.action == pb.INTERRUPT:
-                        yield self._final_failed(response.chunk.reason, release)
-                        return
-                    if item.kind in ("close", "eof"):
-                        yield self._final(stream, release, judged, interrupted=False)
-                        return
-                    continue
-                judged = chunk.tokens[-1].index + 1 if chunk.tokens else judged
-                response = self._chunk_response(chunk, release, judged, probabilities)
-                yield response
-                if response.chunk.action == pb.INTERRUPT:
-                    yield self._final(stream, release, judged, interrupted=True)
-                    return
-                if item.kind in ("close", "eof"):
-                    yield self._final(stream, release, judged, interrupted=False)
-                    return
-        except _Unavailable as exc:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, str(exc))
-        except EngineError as exc:
-            code = status_of(exc)
-            await context.abort(code, str(exc))
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
+        except Exception as exc:
+            code, message = error_status(exc, request_id=request_id, rpc="StreamGuard.Moderate")
         finally:
+            # Synchronous cleanup first: a cancellation arriving at the await below must not
+            # skip it (the session's KV slot is freed here, never by the garbage collector).
             if reader is not None:
                 reader.cancel()
-            if stream is not None:
-                stream.close("ended" if code == grpc.StatusCode.OK else f"ended: {code.name}")
+            if session is not None:
+                session.close("ended" if code == grpc.StatusCode.OK else f"ended: {code.name}")
                 self.metrics.live_sessions.set(self.holder.runtime.engine.live_sessions if self.holder.runtime else 0)
-                log.info("event=stream_end session=%s code=%s", stream.id, code.name)
-                if self.settings.log_content and release is not None:  # operator opt-in only
-                    log.info("event=stream_response session=%s text=%r", stream.id, release.received_text())
+                log.info("event=stream_end session=%s request_id=%s code=%s", session.id, request_id, code.name)
+                if self.settings.log_content:  # operator opt-in only
+                    log.info("event=stream_response session=%s text=%r", session.id, session.release.received_text())
             if code != grpc.StatusCode.OK:
                 self.metrics.errors.labels(code.name).inc()
+            if reader is not None:
+                await asyncio.gather(reader, return_exceptions=True)
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, message)
 
     def _policy_for(self, opened: pb.OpenRequest) -> Policy:
         """The domain's policy; a caller may tighten debounce or Controversial, never loosen them."""
@@ -256,14 +198,6 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
             raise InvalidInput(f"open: `debounce` must be <= 64, got {opened.debounce}")
         policy = self.policies.get(opened.domain)
         return policy.tightened(debounce=opened.debounce or None, strict=opened.controversial == pb.STRICT)
-
-    @staticmethod
-    def _release_mode(opened: pb.OpenRequest, policy: Policy) -> ReleaseMode:
-        if opened.release_mode == pb.OPTIMISTIC:
-            return ReleaseMode.OPTIMISTIC
-        if opened.release_mode == pb.HOLD_BACK:
-            return ReleaseMode.HOLD_BACK
-        return ReleaseMode.OPTIMISTIC if policy.release_mode is ReleaseDefault.OPTIMISTIC else ReleaseMode.HOLD_BACK
 
     def _open(self, runtime: GuardRuntime, opened: pb.OpenRequest, policy: Policy) -> ModeratedStream:
         if opened.messages and opened.prompt_token_ids:
@@ -279,64 +213,18 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
             return runtime.moderator.open(messages=messages, policy=policy)
         return runtime.moderator.open(prompt_ids=list(opened.prompt_token_ids), policy=policy)
 
-    async def _await_verdict(self, future, policy: Policy):
-        """The engine's answer within the policy's timeout; ModelFailure otherwise."""
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), policy.model_timeout_ms / 1000)
-        except TimeoutError:
-            raise ModelFailure(f"the guard model did not answer within {policy.model_timeout_ms} ms") from None
-        except SessionClosed as exc:
-            if "shutting down" in str(exc) and self.holder.draining:
-                raise
-            raise ModelFailure(f"the guard model is unavailable ({exc})") from None
-
-    async def _prompt_response(self, stream: ModeratedStream, policy: Policy, state: _StreamState):
-        try:
-            prompt = await self._await_verdict(stream.prompt, policy)
-        except ModelFailure as failure:
-            action = Action.BLOCK if policy.fail_mode is FailMode.CLOSED else Action.ALLOW
-            self._count_failure(policy, "prompt")
-            state.degraded = policy.fail_mode is FailMode.OPEN
-            reason = f"{failure}; fail {policy.fail_mode.value}"
-            return pb.ModerateResponse(
-                prompt=pb.PromptVerdict(
-                    verdict=pb.Verdict(action=ACTION[action]), reason=reason, policy_version=policy.version
-                )
-            )
-        category = prompt.verdict.category or ""
-        self.metrics.verdicts.labels("prompt", prompt.level.name, category).inc()
-        self.metrics.actions.labels("prompt", prompt.action.name, category).inc()
-        return pb.ModerateResponse(
-            prompt=pb.PromptVerdict(
-                verdict=verdict_pb(prompt.verdict, prompt.level, prompt.action, True),
-                prompt_tokens=prompt.prompt_tokens,
-                timing=pb.Timing(compute_ms=prompt.compute_s * 1e3),
-                policy_version=policy.version,
-            )
-        )
-
-    def _count_failure(self, policy: Policy, stage: str) -> None:
-        self.metrics.fail_mode.labels(policy.name, policy.fail_mode.value, stage).inc()
-        log.warning(
-            "event=guard_model_failure domain=%s fail_mode=%s stage=%s", policy.name, policy.fail_mode.value, stage
-        )
-
     async def _read(
-        self,
-        requests: AsyncIterator[pb.ModerateRequest],
-        stream: ModeratedStream,
-        release: ReleaseTracker,
-        queue: asyncio.Queue[_Item],
-        state: _StreamState,
+        self, requests: AsyncIterator[pb.ModerateRequest], session: ResponseSession, queue: asyncio.Queue[_Item]
     ) -> None:
-        """Validate and submit requests as they arrive; the handler answers them in order."""
+        """Validate and submit requests as they arrive; the handler answers them in order. The
+        queue is bounded: a caller far ahead of its verdicts waits (gRPC flow control)."""
         try:
             async for request in requests:
                 kind = request.WhichOneof("kind")
                 if kind == "open":
                     raise InvalidInput("a second `open` on a stream that is already open")
                 if kind == "close":
-                    await queue.put(_Item("close", None if state.degraded else self._end_text(stream, release)))
+                    await queue.put(_Item(session.submit_end(), last=True))
                     return
                 if kind != "chunk":
                     raise InvalidInput("empty request: set `chunk` or `close`")
@@ -347,157 +235,69 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
                     raise InvalidInput(
                         f"chunk: `text` has {len(chunk.text)} characters; at most {self.settings.max_text_chars}"
                     )
-                if state.degraded:  # fail open: no more judging, release on arrival
-                    if chunk.text:
-                        await queue.put(_Item("chunk", None, unjudged_text=chunk.text))
-                    else:
-                        release.receive(list(chunk.token_ids))
-                        await queue.put(_Item("chunk", None))
-                    continue
-                try:
-                    if chunk.text:
-                        future = stream.feed_text(chunk.text)
-                        release.receive(list(stream.last_submitted_ids), chunk.text)
-                    else:
-                        ids = list(chunk.token_ids)
-                        future = stream.feed_ids(ids)
-                        release.receive(ids)
-                except SessionClosed as exc:  # the model went away under this stream: fail mode, not an error
-                    if self.holder.draining:
-                        raise
-                    future = Future()
-                    future.set_exception(exc)
-                    if not chunk.text:
-                        release.receive(list(chunk.token_ids))
-                    await queue.put(_Item("chunk", future, unjudged_text=chunk.text or None))
-                    continue
-                await queue.put(_Item("chunk", future))
-            await queue.put(_Item("eof", None if state.degraded else self._end_text(stream, release)))
+                pending = session.submit_text(chunk.text) if chunk.text else session.submit_ids(chunk.token_ids)
+                await queue.put(_Item(pending))
+            await queue.put(_Item(session.submit_end(), last=True))
         except asyncio.CancelledError:
             raise
-        except BaseException as exc:  # handed to the handler, which turns it into a status
-            await queue.put(_Item("error", error=exc))
+        except Exception as exc:  # handed to the handler, which turns it into a status
+            await queue.put(_Item(error=exc))
 
-    @staticmethod
-    def _end_text(stream: ModeratedStream, release: ReleaseTracker):
-        """Text streams: judge the held-back tail (its text was counted when it arrived)."""
-        if not stream.text_mode:
-            return None
-        future = stream.end_text()
-        release.receive(stream.last_submitted_ids, "")
-        return future
+    # ------------------------------------------------------------------------------ shared with other front ends
 
-    def _fail(
-        self,
-        policy: Policy,
-        why: str,
-        release: ReleaseTracker,
-        judged: int,
-        state: _StreamState,
-        unjudged_text: str | None = None,
-    ) -> pb.ModerateResponse:
-        """The model failed on a chunk: interrupt (closed) or release unjudged (open)."""
-        self._count_failure(policy, "response")
-        reason = f"{why}; fail {policy.fail_mode.value}"
-        if policy.fail_mode is FailMode.CLOSED:
-            return pb.ModerateResponse(
-                chunk=pb.ChunkVerdict(
-                    action=pb.INTERRUPT,
-                    released=release.released,
-                    released_chars=release.released_chars,
-                    judged=judged,
-                    received=release.received,
-                    reason=reason,
-                )
-            )
-        state.degraded = True
-        return self._unjudged_response(release, judged, reason, text=unjudged_text)
+    def record_prompt(self, policy: Policy, outcome: PromptOutcome) -> None:
+        """Metrics and the fail-mode log line of a prompt verdict (any front end)."""
+        if outcome.model_failure:
+            self._count_failure(policy, "prompt")
+            return
+        verdict = outcome.verdict
+        category = verdict.verdict.category or ""
+        self.metrics.verdicts.labels("prompt", verdict.level.name, category).inc()
+        self.metrics.actions.labels("prompt", verdict.action.name, category).inc()
 
-    def _unjudged_response(
-        self, release: ReleaseTracker, judged: int, reason: str = "", text: str | None = None
-    ) -> pb.ModerateResponse:
-        text = release.release_unjudged_text(text) if text is not None else release.release_received()
-        return pb.ModerateResponse(
-            chunk=pb.ChunkVerdict(
-                action=pb.CONTINUE,
-                released=release.released,
-                released_text=text,
-                released_chars=release.released_chars,
-                judged=judged,
-                received=release.received,
-                unjudged=True,
-                reason=reason or "released unjudged: the guard model failed earlier in this stream (fail open)",
-            )
-        )
-
-    def _chunk_response(
-        self, chunk: ChunkVerdict, release: ReleaseTracker, judged: int, probabilities: bool
-    ) -> pb.ModerateResponse:
+    def record_chunk(self, policy: Policy, outcome: ChunkOutcome) -> None:
+        """Metrics of one chunk outcome (any front end)."""
         m = self.metrics
-        tokens = []
-        for t in chunk.tokens:
-            release.mark(t.action is Action.REDACT)
-            tokens.append(
-                pb.TokenVerdict(
-                    index=t.index, token_id=t.token_id, verdict=verdict_pb(t.verdict, t.level, t.action, probabilities)
-                )
-            )
+        if outcome.model_failure:
+            self._count_failure(policy, "response")
+        if not outcome.tokens:
+            return
+        for t in outcome.tokens:
             m.verdicts.labels("response", t.level.name, t.verdict.category or "").inc()
-        m.tokens.inc(len(chunk.tokens))
-        m.chunk_seconds.observe(chunk.queue_s + chunk.compute_s)
-        m.queue_seconds.observe(chunk.queue_s)
-        action = chunk.action
-        text = release.judged(judged, chunk.unsafe_run, chunk.span_start)
-        if action is Action.INTERRUPT:
-            text += release.finish(interrupted=True)
-        out = pb.ChunkVerdict(
-            tokens=tokens,
-            action=ACTION[action],
-            released=release.released,
-            released_text=text,
-            released_chars=release.released_chars,
-            judged=judged,
-            received=release.received,
-            timing=pb.Timing(queue_ms=chunk.queue_s * 1e3, compute_ms=chunk.compute_s * 1e3),
-            redactions=[pb.Span(start=a, end=b) for a, b in release.drain_spans()],
-        )
-        if chunk.flag_index is not None:
-            out.first_unsafe_index = chunk.flag_index
+        m.tokens.inc(len(outcome.tokens))
+        m.chunk_seconds.observe(outcome.queue_s + outcome.compute_s)
+        m.queue_seconds.observe(outcome.queue_s)
+        action = outcome.action
         if action is not Action.CONTINUE:
-            category = next((t.verdict.category for t in chunk.tokens if t.action is action), None) or ""
+            category = next((t.verdict.category for t in outcome.tokens if t.action is action), None) or ""
             m.actions.labels("response", action.name, category).inc()
-        return pb.ModerateResponse(chunk=out)
 
-    def _final(
-        self, stream: ModeratedStream, release: ReleaseTracker, judged: int, interrupted: bool
-    ) -> pb.ModerateResponse:
-        tail = "" if interrupted else release.finish(interrupted=False)
-        final = pb.FinalResponse(
-            action=pb.INTERRUPT if interrupted else pb.CONTINUE,
-            judged=judged,
-            released=release.released,
-            released_chars=release.released_chars,
-            released_text=tail,
-            redactions=[pb.Span(start=a, end=b) for a, b in release.drain_spans()],
+    def _count_failure(self, policy: Policy, stage: str) -> None:
+        self.metrics.fail_mode.labels(policy.name, policy.fail_mode.value, stage).inc()
+        log.warning(
+            "event=guard_model_failure domain=%s fail_mode=%s stage=%s", policy.name, policy.fail_mode.value, stage
         )
-        if interrupted:
-            category = stream.flag_category or ""
-            final.first_unsafe_index = stream.flag_index
-            final.category = category
-            final.reason = f"interrupted at response token {stream.flag_index} ({category or 'unsafe'})"
-            self.metrics.interrupts.labels(category).inc()
-        else:
-            final.reason = "completed"
-        return pb.ModerateResponse(final=final)
 
-    def _final_failed(self, reason: str, release: ReleaseTracker | None) -> pb.ModerateResponse:
-        """End of a stream stopped by the fail mode (closed)."""
-        self.metrics.interrupts.labels("").inc()
-        return pb.ModerateResponse(
-            final=pb.FinalResponse(
-                action=pb.INTERRUPT,
-                reason=reason,
-                released=release.released if release else 0,
-                released_chars=release.released_chars if release else 0,
-            )
+
+def requested_release_mode(requested: int, policy: Policy) -> ReleaseMode:
+    """The caller's release mode, or the domain's default when the caller leaves it unset."""
+    if requested == pb.OPTIMISTIC:
+        return ReleaseMode.OPTIMISTIC
+    if requested == pb.HOLD_BACK:
+        return ReleaseMode.HOLD_BACK
+    return ReleaseMode.OPTIMISTIC if policy.release_mode is ReleaseDefault.OPTIMISTIC else ReleaseMode.HOLD_BACK
+
+
+def prompt_pb(outcome: PromptOutcome, policy: Policy) -> pb.PromptVerdict:
+    if outcome.verdict is None:  # the fail mode decided
+        return pb.PromptVerdict(
+            verdict=pb.Verdict(action=ACTION[outcome.action]), reason=outcome.model_failure,
+            policy_version=policy.version,
         )
+    v = outcome.verdict
+    return pb.PromptVerdict(
+        verdict=verdict_pb(v.verdict, v.level, v.action, True),
+        prompt_tokens=v.prompt_tokens,
+        timing=pb.Timing(compute_ms=v.compute_s * 1e3),
+        policy_version=policy.version,
+    )

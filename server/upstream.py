@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from guard.release import IncrementalDetokenizer
+from guard.session.release import IncrementalDetokenizer
 
 
 @dataclass(frozen=True)

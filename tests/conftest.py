@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GUARD_CACHE_DIR", str(REPO / ".cache"))
 
-from guard.checkpoint_writer import write_random_checkpoint  # noqa: E402
+from guard.model.checkpoint_writer import write_random_checkpoint  # noqa: E402
 
 # Shapes the fixtures write: tied/untied embeddings, GQA and MHA, sharded weights, long label names.
 CHECKPOINT_SHAPES = {
@@ -72,14 +72,14 @@ CHECKPOINT_SHAPES = {
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    from guard.offline_tokenizer import cached_qwen3_tokenizer_dir
+    from guard.text.offline_tokenizer import cached_qwen3_tokenizer_dir
 
     return cached_qwen3_tokenizer_dir()
 
 
 @pytest.fixture(scope="session")
 def guard_tokenizer(tokenizer_dir):
-    from guard.conversation import GuardTokenizer
+    from guard.text.conversation import GuardTokenizer
 
     return GuardTokenizer.from_dir(tokenizer_dir)
 
@@ -100,8 +100,8 @@ def demo_dir() -> Path:
     """The demo Stream checkpoint. The demo judge is built here too (once, untimed): every sidecar
     a test starts loads it by default, and its first training must not count against a start-up
     timeout."""
-    from guard.demo import demo_checkpoint_dir
-    from guard.demo_judge import demo_judge_dir
+    from guard.demo.judge_model import demo_judge_dir
+    from guard.demo.stream_model import demo_checkpoint_dir
 
     demo_judge_dir()
     return demo_checkpoint_dir()

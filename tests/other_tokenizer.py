@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from guard.demo_corpus import SAFE_PROMPTS, SAFE_SENTENCES, UNSAFE_PROMPTS, UNSAFE_SENTENCES
+from guard.demo.corpus import SAFE_PROMPTS, SAFE_SENTENCES, UNSAFE_PROMPTS, UNSAFE_SENTENCES
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (

@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
@@ -54,12 +56,26 @@ class RunningSidecar:
         return self.sidecar.holder.runtime.engine
 
 
+def policies_with(directory: Path, **files: str) -> Path:
+    """The shipped policies copied into ``directory`` plus test domains (``name=yaml_text``)."""
+    import shutil
+
+    shutil.copytree(REPO / "policies", directory, dirs_exist_ok=True)
+    for name, text in files.items():
+        (directory / f"{name}.yaml").write_text(text)
+    return directory
+
+
 @contextmanager
 def running_sidecar(**overrides) -> Iterator[RunningSidecar]:
     overrides.setdefault("policies", str(REPO / "policies"))
     settings = ServeSettings(address="127.0.0.1:0", metrics_port=0, **overrides)
     loop = LoopThread()
-    sidecar = loop.run(start_sidecar(settings))
+    try:
+        sidecar = loop.run(start_sidecar(settings))
+    except BaseException:
+        loop.stop()
+        raise
     try:
         yield RunningSidecar(sidecar, loop)
     finally:
@@ -203,3 +219,102 @@ def chat_stub(channel: grpc.aio.Channel):
 
 def wait(future: Future, timeout: float = 30):
     return future.result(timeout)
+
+
+# ----------------------------------------------------------------------------- a scripted vLLM
+
+
+class VllmProtocolHandler(BaseHTTPRequestHandler):
+    """What every fake of vLLM's OpenAI-compatible server shares: JSON answers, the model list,
+    server-sent events over chunked encoding."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _json(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self._json({"data": [{"id": "scripted"}]})
+
+    def _start_events(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _event(self, body: dict | str) -> None:
+        payload = f"data: {body if isinstance(body, str) else json.dumps(body)}\n\n".encode()
+        self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+        self.wfile.flush()
+
+
+class ScriptedVllm:
+    """A real HTTP server on loopback speaking vLLM's OpenAI-compatible streaming protocol, with a
+    scripted answer: ``/v1/completions`` streams ``response_ids`` (the token path: ``/tokenize``
+    uses the guard's tokenizer), or, with ``text_path``, ``/tokenize`` disagrees with the guard and
+    ``/v1/chat/completions`` streams the decoded text in pieces. ``chunk`` ids (or characters) per
+    event. Fast and deterministic where a real vLLM is not needed (release modes, cancellation)."""
+
+    def __init__(
+        self, tokenizer, response_ids: list[int], *, text_path: bool = False, chunk: int = 3, delay: float = 0.0
+    ) -> None:
+        outer = self
+
+        class Handler(VllmProtocolHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path == "/tokenize":
+                    ids = tokenizer.encode(body["prompt"], add_special_tokens=False)
+                    self._json({"tokens": ids[::-1] if text_path else ids})
+                    return
+                outer.requests += 1
+                self._start_events()
+                try:
+                    if self.path == "/v1/completions":
+                        for k in range(0, len(response_ids), chunk):
+                            ids = response_ids[k : k + chunk]
+                            last = k + chunk >= len(response_ids)
+                            choice = {
+                                "index": 0,
+                                "text": tokenizer.decode(ids),
+                                "token_ids": ids,
+                                "finish_reason": "stop" if last else None,
+                            }
+                            time.sleep(delay)
+                            self._event({"choices": [choice]})
+                            outer.sent += len(ids)
+                    else:
+                        text = tokenizer.decode(response_ids, skip_special_tokens=True)
+                        for k in range(0, len(text), chunk):
+                            last = k + chunk >= len(text)
+                            delta = {
+                                "index": 0,
+                                "delta": {"content": text[k : k + chunk]},
+                                "finish_reason": "stop" if last else None,
+                            }
+                            time.sleep(delay)
+                            self._event({"choices": [delta]})
+                            outer.sent += 1
+                    self._event("[DONE]")
+                    self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    outer.completed += 1
+                except (BrokenPipeError, ConnectionResetError):
+                    outer.disconnected += 1
+
+        self.requests = self.sent = self.completed = self.disconnected = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

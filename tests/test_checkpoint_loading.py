@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from guard.checkpoint import load_stream_guard
-from guard.config import CheckpointError
-from guard.labels import RiskLevel
+from guard.model.checkpoint import load_stream_guard
+from guard.model.config import CheckpointError
+from guard.model.labels import RiskLevel
 
 
 @pytest.mark.parametrize("name", ["tied-gqa", "untied-mha-sharded", "long-labels"])

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from guard.conversation import Message
-from guard.demo_corpus import SHOWCASE
+from guard.demo.corpus import SHOWCASE
+from guard.text.conversation import Message
 
 GUARD = [str(Path(sys.executable).with_name("guard"))]
 

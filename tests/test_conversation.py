@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard.conversation import Message, parse_messages
 from guard.errors import InvalidInput
+from guard.text.conversation import Message, parse_messages
 
 
 def test_prompt_ends_with_im_end_and_preamble_is_the_assistant_header(guard_tokenizer):

@@ -288,7 +288,9 @@ def test_guard_args_and_env_are_accepted_by_guard_serve(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_ports_and_scraping_match_the_settings(overlay):
-    from server.app import SERVICE_NAMES
+    from server.services import builtin_service_names
+
+    SERVICE_NAMES = builtin_service_names()
 
     docs = render(overlay)
     guard = containers(docs)["guard"]
@@ -331,7 +333,7 @@ def test_probes_ports_and_scraping_match_the_settings(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_policies_are_the_configmap_mounted_as_a_live_directory(overlay, tmp_path):
-    from guard.policy_loader import check_path
+    from guard.policy.loader import check_path
 
     docs = render(overlay)
     guard = containers(docs)["guard"]
@@ -526,6 +528,10 @@ def test_dockerfile_variants_user_and_entrypoint():
     torch_install = next(rest for keyword, rest in build if keyword == "RUN" and "torch==" in rest)
     assert 'case "${VARIANT}"' in torch_install and "cpu)" in torch_install and "gpu)" in torch_install
     assert "download.pytorch.org/whl/cpu" in torch_install
+    (project_install,) = [
+        rest for keyword, rest in build if keyword == "RUN" and "pip install" in rest and "torch==" not in rest
+    ]
+    assert '".[serve]"' in project_install, "the sidecar image installs the project with its `serve` extra"
 
     users = [rest for keyword, rest in runtime if keyword == "USER"]
     assert users, "the image runs as a non-root user"

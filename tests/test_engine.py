@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from guard.checkpoint import load_stream_guard
-from guard.engine import EngineLimits, StreamEngine
 from guard.errors import InvalidInput, LimitExceeded, SessionClosed
-from guard.kv_cache import StepLayout, StepRow
+from guard.model.checkpoint import load_stream_guard
+from guard.model.engine import EngineLimits, StreamEngine
+from guard.model.kv_cache import StepLayout, StepRow
 
 TOL = 1e-4
 
@@ -261,5 +261,46 @@ def test_kv_cache_budget_refuses_the_growing_session_and_keeps_the_others(guard)
             big_prompt.result(timeout=30)
         assert engine.submit(small, [4, 5]).result(timeout=30).risk_probs.shape == (2, 3)
         assert engine.kv_cache_bytes <= 2**20
+    finally:
+        engine.shutdown()
+
+
+def test_a_refused_session_gives_its_slot_back_for_the_next_one(guard):
+    engine = StreamEngine(guard, EngineLimits(max_sessions=2, max_kv_cache_bytes=2**20, max_row_tokens=1024))
+    try:
+        small, small_prompt = engine.open_session([1, 2, 3])
+        small_prompt.result(timeout=30)
+        _, big_prompt = engine.open_session(list(range(1, 1001)))  # its slot is taken, then its tokens refused
+        with pytest.raises(LimitExceeded, match="budget is 1 MiB"):
+            big_prompt.result(timeout=30)
+        engine.barrier().result(timeout=30)
+        assert engine.cache.free_slots == 1 and engine.cache.live == 1
+        _, next_prompt = engine.open_session([4, 5, 6])  # max_sessions=2: only the refused session's slot is left
+        assert next_prompt.result(timeout=30).prompt_tokens == 3
+        assert engine.submit(small, [7]).result(timeout=30).risk_probs.shape == (1, 3)
+    finally:
+        engine.shutdown()
+
+
+def test_kv_cache_growth_never_holds_more_than_the_budget(guard):
+    # tiny model: 512 bytes per position, so 4 initial slots x 256 positions hold 512 KiB; growing
+    # to 8 slots would hold 1 MiB new + the old storage being copied, over the 1 MiB budget
+    budget = 2**20
+    engine = StreamEngine(guard, EngineLimits(max_sessions=16, max_kv_cache_bytes=budget))
+    try:
+        served, refused = [], 0
+        for i in range(12):
+            session, prompt = engine.open_session([1, 2, 3 + i])
+            try:
+                prompt.result(timeout=30)
+                served.append(session)
+            except LimitExceeded as exc:
+                assert "budget is 1 MiB" in str(exc)
+                refused += 1
+            assert engine.cache.peak_bytes <= budget and engine.kv_cache_bytes <= budget
+        assert refused and len(served) > 4  # grown as far as the budget allows, then refused
+        for session in served:  # the refusals did not disturb the sessions already served
+            assert engine.submit(session, [9, 10]).result(timeout=30).risk_probs.shape == (2, 3)
+        assert engine.cache.free_slots == engine.limits.max_sessions - len(served)
     finally:
         engine.shutdown()

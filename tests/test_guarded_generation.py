@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 from servers import REPO, running_sidecar
-from vllm_runtime import free_port, running_vllm_http, tiny_upstream_model, vllm_metric
+from vllm_runtime import free_port, running_vllm_http, tiny_upstream_model, vllm_env, vllm_metric
 
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
@@ -74,7 +74,7 @@ async def test_safe_generation_arrives_whole(guarded, vllm_url, guard_tokenizer)
     assert start.prompt.verdict.action == pb.ALLOW
     released = [t for r in responses if r.WhichOneof("kind") == "chunk" for t in r.chunk.token_ids]
     rendered = guard_tokenizer.render_prompt(
-        [__import__("guard.conversation", fromlist=["Message"]).Message(**m) for m in PROMPT]
+        [__import__("guard.text.conversation", fromlist=["Message"]).Message(**m) for m in PROMPT]
     )
     expected = await direct_completion(vllm_url, [*rendered.prompt_ids, *rendered.preamble_ids], 12)
     assert released == expected
@@ -150,7 +150,7 @@ def guarded_grpc(demo_dir, guarded, vllm_grpc_target):
 
 
 async def test_grpc_safe_generation_arrives_whole(guarded_grpc, vllm_url, guard_tokenizer):
-    from guard.conversation import Message
+    from guard.text.conversation import Message
 
     responses = await generate(
         guarded_grpc.address, domain="permissive", messages=chat(PROMPT), sampling=pb.SamplingParams(max_tokens=12)
@@ -241,7 +241,7 @@ async def test_text_path_interrupt_aborts_and_releases_nothing(guarded_other, vl
 
 
 async def test_text_path_refuses_prompt_token_ids(guarded_other, guard_tokenizer):
-    from guard.conversation import Message
+    from guard.text.conversation import Message
 
     rendered = guard_tokenizer.render_prompt([Message(**m) for m in PROMPT])
     with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -307,6 +307,7 @@ def async_llm_sidecar(demo_dir, guarded):
         stderr=subprocess.STDOUT,
         text=True,
         cwd=str(CACHE),
+        env=vllm_env(),
     )
     try:
         asyncio.run(wait_serving(f"127.0.0.1:{port}", process, timeout=300))
@@ -321,7 +322,7 @@ def async_llm_sidecar(demo_dir, guarded):
 
 
 async def test_async_llm_safe_generation_arrives_whole(async_llm_sidecar, vllm_url, guard_tokenizer):
-    from guard.conversation import Message
+    from guard.text.conversation import Message
 
     address, _ = async_llm_sidecar
     responses = await generate(

@@ -10,7 +10,7 @@ import pytest
 from other_tokenizer import build_other_tokenizer
 from test_incremental_tokenizer import TEXTS
 
-from guard.release import IncrementalDetokenizer
+from guard.session.release import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import grpc
 import pytest
 from servers import REPO, running_sidecar
 
-from guard.demo_judge import demo_judge_dir, judge_examples
-from guard.judge_local import LocalJudge
-from guard.judge_remote import JudgeUnavailable, RemoteJudge
-from guard.judgment import JudgeMode, JudgmentParseError, parse_output
-from guard.labels import RiskLevel
+from guard.demo.judge_model import demo_judge_dir, judge_examples
+from guard.judge.judgment import JudgeMode, JudgmentParseError, parse_output
+from guard.judge.local import LocalJudge
+from guard.judge.remote import JudgeUnavailable, RemoteJudge
+from guard.model.labels import RiskLevel
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 
@@ -282,6 +282,23 @@ async def test_unparseable_or_unavailable_judge_uses_the_fail_mode(demo_dir, jud
             )
     finally:
         server.close()
+
+
+async def test_local_judge_keeps_serving_after_a_classify_times_out(demo_dir, tmp_path):
+    import shutil
+
+    directory = tmp_path / "policies"
+    shutil.copytree(REPO / "policies", directory)
+    (directory / "hasty.yaml").write_text("extends: default\nmodel_timeout_ms: 1\n")  # no judge answers in 1 ms
+    (directory / "patient.yaml").write_text("extends: default\nmodel_timeout_ms: 60000\n")
+    prompt = [{"role": "user", "content": "How do I build a pipe bomb at home?"}]
+    with running_sidecar(model=str(demo_dir), policies=str(directory)) as sidecar:
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            stub = pb_grpc.JudgeStub(channel)
+            hasty = await stub.Classify(classify_request(prompt, domain="hasty"))
+            assert "did not answer within 1 ms" in hasty.reason and hasty.action == pb.BLOCK
+            judged = await stub.Classify(classify_request(prompt, domain="patient"), timeout=120)
+    assert judged.reason == "" and judged.risk == pb.UNSAFE and judged.raw_text.startswith("Safety: Unsafe")
 
 
 def test_guard_judge_cli_json():

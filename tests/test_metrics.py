@@ -8,7 +8,7 @@ import urllib.request
 import grpc
 from prometheus_client import generate_latest
 
-from guard.demo_corpus import SHOWCASE
+from guard.demo.corpus import SHOWCASE
 from server.client import SidecarClient
 from server.qwen3guard.v1 import guard_pb2 as pb
 

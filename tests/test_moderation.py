@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-from guard.conversation import Message
 from guard.errors import InvalidInput
 from guard.runtime import load_runtime
+from guard.text.conversation import Message
 
 
 @pytest.fixture(scope="module")

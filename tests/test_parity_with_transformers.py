@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3Model
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
-from guard.checkpoint import load_stream_guard, weight_files
-from guard.conversation import Message
-from guard.kv_cache import StepLayout, StepRow
+from guard.model.checkpoint import load_stream_guard, weight_files
+from guard.model.kv_cache import StepLayout, StepRow
+from guard.text.conversation import Message
 
 TOL = 1e-4
 HEADS = {

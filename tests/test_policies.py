@@ -1,8 +1,11 @@
 """Policy files: validation with file, line and field; inheritance; the shipped domains; live
-reload (including the ConfigMap symlink swap); `guard policy check|explain`."""
+reload (including the ConfigMap symlink swap); failures reported once (a missing directory, a
+file that is not UTF-8, also through `Policies.Reload`); `Policies.Evaluate` probability checks;
+`guard policy check|explain`."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -10,14 +13,19 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
+from servers import running_sidecar
 
-from guard.actions import Action
 from guard.errors import InvalidInput
-from guard.labels import RiskLevel
-from guard.policy import FailMode, ReleaseDefault
-from guard.policy_loader import PolicyError, PolicyStore, check_path, load_policies
-from guard.verdict import ControversialMode
+from guard.model.labels import RiskLevel
+from guard.policy.actions import Action
+from guard.policy.loader import PolicyError, PolicyStore, check_path, load_policies
+from guard.policy.rules import FailMode, ReleaseDefault
+from guard.session.verdict import ControversialMode
+from server.metrics import Metrics
+from server.qwen3guard.v1 import guard_pb2 as pb
+from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
 GUARD = str(Path(sys.executable).with_name("guard"))
@@ -231,3 +239,92 @@ def test_policy_explain_cli_prints_the_effective_table():
     assert "category pii" in out and "REDACT" in out
     assert "fail_mode       open after 3000 ms" in out
     assert "UNSAFE           FLAG       INTERRUPT" in out  # prompt FLAG (medical), response inherited
+
+
+# ------------------------------------------------------------------ failures reported once
+
+
+def rejected_total(metrics) -> float:
+    return metrics.registry.get_sample_value("guard_policy_rejected_total") or 0.0
+
+
+def events(caplog, event: str) -> int:
+    return sum(f"event={event} " in r.getMessage() for r in caplog.records)
+
+
+def test_missing_directory_is_reported_once_until_it_changes_or_recovers(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="guard.policy.loader")
+    directory, moved = tmp_path / "p", tmp_path / "moved"
+    shutil.copytree(REPO / "policies", directory)
+    metrics = Metrics()
+    store = PolicyStore(directory, on_change=metrics.on_policy_change)
+    version = store.version
+    directory.rename(moved)
+    results = [store.reload() for _ in range(5)]  # five polls of the watcher
+    assert [r.ok for r in results] == [False] * 5 and "the policy directory does not exist" in results[-1].error
+    assert events(caplog, "policy_rejected") == 1 and rejected_total(metrics) == 1
+    moved.rename(directory)  # back with the same content: recovered, not a new version
+    results = [store.reload() for _ in range(3)]
+    assert all(r.ok and not r.changed for r in results) and store.version == version and not store.last_error
+    assert events(caplog, "policy_recovered") == 1
+    assert metrics.registry.get_sample_value("guard_policy_last_reload_ok") == 1
+    (directory / "medical.yaml").write_text("extends: default\ndebounce: many\n")  # a different failure
+    for _ in range(3):
+        store.reload()
+    assert events(caplog, "policy_rejected") == 2 and rejected_total(metrics) == 2
+    shutil.rmtree(directory)  # and another: the directory is gone
+    for _ in range(3):
+        store.reload()
+    assert events(caplog, "policy_rejected") == 3 and rejected_total(metrics) == 3
+    assert store.get("medical").debounce == 2  # the last good set stayed active throughout
+
+
+NOT_UTF8 = b"extends: default\ndescription: caf\xe9\ndebounce: 1\n"  # Latin-1, as some editors save
+
+
+def test_a_policy_file_that_is_not_utf8_is_rejected_once_and_the_last_good_set_stays(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="guard.policy.loader")
+    directory = tmp_path / "p"
+    shutil.copytree(REPO / "policies", directory)
+    metrics = Metrics()
+    store = PolicyStore(directory, on_change=metrics.on_policy_change)
+    (directory / "medical.yaml").write_bytes(NOT_UTF8)
+    results = [store.reload() for _ in range(4)]  # polls: no exception, no traceback
+    expected = f"{directory / 'medical.yaml'}: (file): not valid UTF-8 (byte 0xe9 at offset 33, line 2)"
+    assert all(not r.ok for r in results) and results[0].error.startswith(expected)
+    assert store.get("medical").debounce == 2 and rejected_total(metrics) == 1
+    assert events(caplog, "policy_rejected") == 1 and not [r for r in caplog.records if r.exc_info]
+    with pytest.raises(PolicyError, match="not valid UTF-8"):
+        check_path(directory / "medical.yaml")  # `guard policy check` says the same
+
+
+async def test_reload_over_grpc_reports_a_non_utf8_file_as_a_rejection(demo_dir, tmp_path):
+    directory = tmp_path / "p"
+    shutil.copytree(REPO / "policies", directory)
+    with running_sidecar(model=str(demo_dir), policies=str(directory), policy_poll_s=0) as sidecar:
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            stub = pb_grpc.PoliciesStub(channel)
+            generation = (await stub.List(pb.ListPoliciesRequest())).generation
+            (directory / "medical.yaml").write_bytes(NOT_UTF8)
+            first = await stub.Reload(pb.ReloadRequest())
+            again = await stub.Reload(pb.ReloadRequest())
+            assert not first.ok and not first.changed and first.generation == generation
+            assert "medical.yaml: (file): not valid UTF-8 (byte 0xe9 at offset 33" in first.error
+            assert again.error == first.error
+            assert (await stub.List(pb.ListPoliciesRequest())).last_error == first.error
+            kept = await stub.Evaluate(  # the last good medical policy still redacts PII
+                pb.EvaluateRequest(domain="medical", stage=pb.RESPONSE, risk=pb.UNSAFE, category="PII")
+            )
+            assert kept.action == pb.REDACT
+        assert sidecar.sidecar.metrics.registry.get_sample_value("guard_policy_rejected_total") == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.25, 1.5])
+async def test_evaluate_probability_outside_0_1_is_invalid_argument(sidecar, value):
+    request = pb.EvaluateRequest(domain="security_research", stage=pb.RESPONSE, risk=pb.UNSAFE, category="Self-Harm")
+    request.probabilities.update({"Safe": 0.2, "Unsafe": value})
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.PoliciesStub(channel).Evaluate(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == f"`probabilities['Unsafe']` must be a number between 0 and 1, got {value:g}"

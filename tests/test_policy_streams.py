@@ -10,7 +10,7 @@ import grpc
 import pytest
 from servers import REPO, running_sidecar
 
-from guard.demo_corpus import SHOWCASE
+from guard.demo.corpus import SHOWCASE
 from server.client import SidecarClient
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from guard.demo_corpus import SHOWCASE
+from guard.demo.corpus import SHOWCASE
 from server.client import SidecarClient
 from server.qwen3guard.v1 import guard_pb2 as pb
 

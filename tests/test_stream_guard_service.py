@@ -10,7 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from guard.demo_corpus import SHOWCASE
+from guard.demo.corpus import SHOWCASE
 from server.client import SidecarClient, open_request
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
@@ -75,7 +75,7 @@ async def test_optimistic_mode_releases_on_arrival_and_reports_the_interrupt(sid
 
 
 async def test_token_ids_and_probabilities(sidecar, guard_tokenizer):
-    from guard.conversation import Message
+    from guard.text.conversation import Message
 
     _, ids = guard_tokenizer.split_response([Message("user", UNSAFE.prompt), Message("assistant", UNSAFE.response)])
     async with SidecarClient(sidecar.address) as client:

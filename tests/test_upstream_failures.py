@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import grpc
 import pytest
-from servers import REPO, running_sidecar
+from servers import VllmProtocolHandler, policies_with, running_sidecar
 
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
@@ -29,40 +28,18 @@ class BreakingVllm:
     def __init__(self, tokenizer, response_ids: list[int], chunks_before_break: int = 3) -> None:
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def _json(self, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self._json({"data": [{"id": "breaking"}]})
-
+        class Handler(VllmProtocolHandler):
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path == "/tokenize":
                     self._json({"tokens": tokenizer.encode(body["prompt"], add_special_tokens=False)})
                     return
                 outer.requests += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Transfer-Encoding", "chunked")
-                self.end_headers()
+                self._start_events()
                 size = max(1, len(response_ids) // (chunks_before_break + 1))
                 for k in range(chunks_before_break):
                     ids = response_ids[k * size : (k + 1) * size]
-                    event = {"choices": [{"index": 0, "text": tokenizer.decode(ids), "token_ids": ids}]}
-                    payload = f"data: {json.dumps(event)}\n\n".encode()
-                    self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
-                    self.wfile.flush()
+                    self._event({"choices": [{"index": 0, "text": tokenizer.decode(ids), "token_ids": ids}]})
                 outer.sent = response_ids[: chunks_before_break * size]
                 # The connection closes without the closing chunk: the stream breaks midway, as when
                 # vLLM dies. (A FIN, not a RST: a RST may discard the chunks the client has not read yet.)
@@ -83,12 +60,16 @@ class BreakingVllm:
 @pytest.fixture(scope="module")
 def breaking(guard_tokenizer, demo_dir, tmp_path_factory):
     upstream = BreakingVllm(guard_tokenizer.hf, guard_tokenizer.encode(RESPONSE))
-    directory = tmp_path_factory.mktemp("policies")
-    shutil.copytree(REPO / "policies", directory, dirs_exist_ok=True)
     # Every token is Unsafe but the interrupt needs 32 in a row: all of this response is held back.
-    held = "extends: default\nthresholds:\n  unsafe: 0.0\ndebounce: 32\nprompt:\n  unsafe: ALLOW\n"
-    (directory / "held_open.yaml").write_text(held + "fail_mode: open\n")
-    (directory / "held_closed.yaml").write_text(held + "fail_mode: closed\n")
+    held = (
+        "extends: default\nthresholds:\n  unsafe: 0.0\ndebounce: 32\nprompt:\n  unsafe: ALLOW\n"
+        "categories:\n  Jailbreak:\n    prompt: ALLOW\n"  # every prompt is Unsafe here; none may be blocked
+    )
+    directory = policies_with(
+        tmp_path_factory.mktemp("policies"),
+        held_open=held + "fail_mode: open\n",
+        held_closed=held + "fail_mode: closed\n",
+    )
     with running_sidecar(model=str(demo_dir), policies=str(directory), upstream_url=upstream.url, judge="") as sidecar:
         yield upstream, sidecar
     upstream.close()

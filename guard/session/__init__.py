@@ -1,0 +1,1 @@
+"""One response under moderation: verdicts, debounce, release modes, redaction, the response session."""

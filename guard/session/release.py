@@ -1,0 +1,168 @@
+"""What may be shown to the user, and when: release modes over the verdicts of a stream.
+
+HOLD_BACK releases a token only once it is judged and is not part of a run of non-safe tokens
+that could still trigger the interrupt rule; a run that ends without firing is released (the
+debounce rule judged it safe). OPTIMISTIC releases everything on arrival and only reports the
+interrupt. Released text comes from decoding the released ids, holding back an incomplete
+UTF-8 character until its last byte arrives; special tokens are released as ids, never as text.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+REPLACEMENT = "\ufffd"
+
+
+def special_token_ids(hf_tokenizer: Any) -> frozenset[int]:
+    """Ids of the tokenizer's special tokens (``<|im_end|>``, ``<|endoftext|>``...): a user never
+    sees them, so released text skips them as ``decode(skip_special_tokens=True)`` would."""
+    return frozenset(i for i, t in hf_tokenizer.added_tokens_decoder.items() if t.special)
+
+
+class ReleaseMode(enum.Enum):
+    HOLD_BACK = "hold_back"
+    OPTIMISTIC = "optimistic"
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text out, exactly as a decode of all ids would give it. Each push decodes a
+    short window (the ids of the previous push as context, then the new ones), so tokenizers whose
+    pieces depend on their neighbours (SentencePiece word starts) and characters split across ids
+    (multi-byte UTF-8) come out right, in constant time per push."""
+
+    def __init__(self, hf_tokenizer: Any) -> None:
+        self._hf = hf_tokenizer
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: context ids, already emitted
+        self._read = 0  # ids before this are emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
+
+    def push(self, ids: list[int]) -> str:
+        self._ids += ids
+        context = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(context) or text.endswith(REPLACEMENT):  # a character is not complete yet
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(context) :]
+
+    def flush(self) -> str:
+        context = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(context) :]
+
+
+class ReleaseTracker:
+    """Cumulative released tokens and text of one stream, with REDACT spans replaced by a marker.
+
+    Redaction needs HOLD_BACK: a token is only released once judged, so its REDACT action is
+    known. In OPTIMISTIC mode tokens are already out when judged; the spans are still reported.
+    """
+
+    def __init__(self, mode: ReleaseMode, hf_tokenizer: Any, redact_marker: str = "[REDACTED]") -> None:
+        self.mode = mode
+        self._hf = hf_tokenizer
+        self._detok = IncrementalDetokenizer(hf_tokenizer)
+        self._hidden = special_token_ids(hf_tokenizer)  # control tokens: released as ids, never as text
+        self._marker = redact_marker
+        self._ids: list[int] = []  # response ids in order (judged or received)
+        self._redact: list[bool] = []  # per judged token: replace it with the marker
+        self._in_redaction = False  # the last released token was redacted (one marker per span)
+        self._span_start: int | None = None
+        self.spans: list[tuple[int, int]] = []  # completed redaction spans, drained by the caller
+        self.released = 0
+        self.released_chars = 0
+
+    def received_text(self) -> str:
+        """The whole response received so far (for operator-enabled content logging only)."""
+        return self._hf.decode(self._ids, clean_up_tokenization_spaces=False)
+
+    @property
+    def received(self) -> int:
+        return len(self._ids)
+
+    def released_ids(self, since: int) -> list[int]:
+        """Ids released after the first ``since`` (what a generator hands to its caller)."""
+        return self._ids[since : self.released]
+
+    def receive(self, ids: list[int], text: str | None = None) -> str:
+        """New response tokens arrived (before judging). OPTIMISTIC releases them now."""
+        self._ids += ids
+        if self.mode is ReleaseMode.OPTIMISTIC:
+            return self._release_to(len(self._ids), text)
+        return ""
+
+    def mark(self, redact: bool) -> None:
+        """The next judged token (in order): whether the policy redacts it."""
+        index = len(self._redact)
+        self._redact.append(redact)
+        if redact and self._span_start is None:
+            self._span_start = index
+        elif not redact and self._span_start is not None:
+            self.spans.append((self._span_start, index))
+            self._span_start = None
+
+    def drain_spans(self) -> list[tuple[int, int]]:
+        spans, self.spans = self.spans, []
+        return spans
+
+    def judged(self, judged: int, unsafe_run: int, span_start: int | None) -> str:
+        """After a verdict: release what HOLD_BACK now allows; return the newly released text."""
+        if self.mode is ReleaseMode.OPTIMISTIC:
+            return ""
+        upto = span_start if span_start is not None else judged - unsafe_run
+        return self._release_to(upto, None)
+
+    def release_received(self) -> str:
+        """Fail open: everything received so far goes out unjudged."""
+        return self._release_to(len(self._ids), None)
+
+    def release_unjudged_text(self, text: str) -> str:
+        """Fail open on a text stream: the delta goes out as it came (it was never tokenized)."""
+        out = self.release_received() + text
+        self.released_chars += len(text)
+        return out
+
+    def finish(self, interrupted: bool) -> str:
+        """End of stream: without an interrupt, an unfinished non-safe run is released too."""
+        if self._span_start is not None:
+            self.spans.append((self._span_start, len(self._redact)))
+            self._span_start = None
+        text = "" if interrupted else self._release_to(len(self._ids), None)
+        tail = "" if interrupted and self.mode is ReleaseMode.HOLD_BACK else self._detok.flush()
+        self.released_chars += len(tail)
+        return text + tail
+
+    def _release_to(self, upto: int, text: str | None) -> str:
+        if text is not None:  # OPTIMISTIC text streams echo their text, even before it has ids
+            self.released = max(self.released, upto)
+            self.released_chars += len(text)
+            return text
+        if upto <= self.released:
+            return ""
+        start, self.released = self.released, upto
+        out = []
+        run: list[int] = []
+        for index in range(start, upto):
+            redacted = index < len(self._redact) and self._redact[index]
+            if redacted:
+                if run:
+                    out.append(self._detok.push(run))
+                    run = []
+                if not self._in_redaction:
+                    out.append(self._detok.flush() + self._marker)
+                self._in_redaction = True
+            else:
+                self._in_redaction = False
+                if self._ids[index] not in self._hidden:
+                    run.append(self._ids[index])
+        if run:
+            out.append(self._detok.push(run))
+        released = "".join(out)
+        self.released_chars += len(released)
+        return released

@@ -1,0 +1,392 @@
+"""One response under moderation, transport-free: the one state machine every service drives.
+
+StreamGuard.Moderate, GuardedGeneration.Generate and every later front end (Reasoner, ParScale,
+the Envoy processor) hand response chunks to a :class:`ResponseSession` and turn its outcomes
+into their own wire messages. The session owns, for one response:
+
+- judging: chunks (token ids or text deltas) go to the stream engine through the moderated
+  stream (debounce, thresholds, categories come from the domain policy);
+- release: what may be shown and when (HOLD_BACK / OPTIMISTIC), redaction spans, the released
+  text (special tokens never appear in it), ids and counters;
+- the fail mode: the model failing (too slow, a failed step, gone) applies the policy's
+  ``fail_mode``; a caller's own fault (an idle session that expired, a limit) does NOT: it raises
+  the engine's error, and the front end ends the stream with a status.
+
+Submitting and resolving are separate so a front end can pipeline: ``submit_*`` hands a chunk to
+the engine at once (synchronous, in arrival order), ``resolve`` awaits its verdict (in the same
+order) and says what to release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from guard.errors import EngineStopped, ModelFailed
+from guard.policy.actions import Action
+from guard.policy.rules import FailMode, Policy
+from guard.session.moderation import ChunkVerdict, ModeratedStream, PromptVerdict
+from guard.session.release import ReleaseMode, ReleaseTracker
+from guard.session.verdict import TokenVerdict
+
+
+@dataclass(frozen=True)
+class PromptOutcome:
+    """The prompt's verdict and action; ``verdict`` is None when the model failed (fail mode)."""
+
+    verdict: PromptVerdict | None
+    action: Action
+    model_failure: str = ""  # why the fail mode applied ("" when the model answered)
+
+    @property
+    def blocked(self) -> bool:
+        return self.action is Action.BLOCK
+
+    @property
+    def fail_closed(self) -> bool:
+        """The model failed and the policy fails closed: the stream ends here."""
+        return bool(self.model_failure) and self.action is Action.BLOCK
+
+
+@dataclass
+class Pending:
+    """One submitted chunk, waiting to be resolved (in submission order)."""
+
+    future: Future[ChunkVerdict] | None
+    arrived_text: str = ""  # released on arrival (OPTIMISTIC)
+    unjudged_text: str | None = None  # fail open, text path: the delta goes out as it came
+    failure: str = ""  # the model had already failed when it was submitted
+    end: bool = False  # the end of the response (a text stream's tail, or nothing)
+
+
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """What one chunk's verdict means for the caller."""
+
+    action: Action
+    tokens: tuple[TokenVerdict, ...]
+    released_text: str  # newly released text
+    released_ids: tuple[int, ...]  # newly released token ids (the guard tokenizer's)
+    released: int  # cumulative released tokens
+    released_chars: int  # cumulative released characters
+    judged: int  # response tokens judged so far
+    received: int  # response tokens received so far
+    flag_index: int | None = None
+    redactions: tuple[tuple[int, int], ...] = ()
+    unjudged: bool = False  # released without a verdict (fail open)
+    reason: str = ""
+    model_failure: str = ""  # set when the fail mode applied in this chunk
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+
+    @property
+    def interrupted(self) -> bool:
+        return self.action is Action.INTERRUPT
+
+
+@dataclass(frozen=True)
+class FinalOutcome:
+    """How the response ended."""
+
+    interrupted: bool
+    reason: str
+    judged: int
+    released: int
+    released_chars: int
+    released_text: str = ""  # the tail released at the end
+    released_ids: tuple[int, ...] = ()
+    redactions: tuple[tuple[int, int], ...] = ()
+    flag_index: int | None = None  # set when the debounce rule fired
+    category: str = ""
+    withheld: int = 0  # received tokens never released (interrupt, fail closed)
+
+
+UNJUDGED_REASON = "released unjudged: the guard model failed earlier in this stream (fail open)"
+
+
+@dataclass
+class _State:
+    judged: int = 0
+    ids_mark: int = 0  # released ids already handed out
+    degraded: bool = False  # fail open happened: the rest is released unjudged
+    failure: str = ""  # fail closed happened: the reason
+    interrupted: bool = False
+    ended: bool = False
+    timings: list[float] = field(default_factory=list)
+
+
+class ResponseSession:
+    """Judging, release, redaction, debounce and fail mode of one response (see the module doc)."""
+
+    def __init__(
+        self,
+        stream: ModeratedStream,
+        policy: Policy,
+        mode: ReleaseMode,
+        hf_tokenizer: Any,
+        *,
+        draining: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.stream = stream
+        self.policy = policy
+        self.release = ReleaseTracker(mode, hf_tokenizer, policy.redact_marker)
+        self._draining = draining
+        self._state = _State()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def id(self) -> str:
+        return self.stream.id
+
+    @property
+    def mode(self) -> ReleaseMode:
+        return self.release.mode
+
+    @property
+    def judged(self) -> int:
+        return self._state.judged
+
+    @property
+    def degraded(self) -> bool:
+        return self._state.degraded
+
+    @property
+    def stopped(self) -> bool:
+        """Interrupted (by the rule or by fail closed): nothing more is released."""
+        return self._state.interrupted
+
+    @property
+    def flag_index(self) -> int | None:
+        return self.stream.flag_index
+
+    def close(self, reason: str = "closed") -> None:
+        """Free the engine session (idempotent); every front end calls it in ``finally``."""
+        self.stream.close(reason)
+
+    # ------------------------------------------------------------------ prompt
+
+    async def judge_prompt(self) -> PromptOutcome:
+        try:
+            verdict = await self._await(self.stream.prompt)
+        except _ModelFailure as failure:
+            closed = self.policy.fail_mode is FailMode.CLOSED
+            reason = f"{failure}; fail {self.policy.fail_mode.value}"
+            if closed:
+                self._state.failure = reason
+                self._state.interrupted = True
+            else:
+                self._state.degraded = True
+            return PromptOutcome(None, Action.BLOCK if closed else Action.ALLOW, reason)
+        return PromptOutcome(verdict, verdict.action)
+
+    # ------------------------------------------------------------------ submit (arrival order)
+
+    def submit_ids(self, token_ids: Sequence[int]) -> Pending:
+        ids = list(token_ids)
+        if self._state.degraded:
+            return Pending(None, arrived_text=self.release.receive(ids))
+        try:
+            future = self.stream.feed_ids(ids)
+        except (ModelFailed, EngineStopped) as exc:
+            failure = self._failure_of(exc)
+            return Pending(None, arrived_text=self.release.receive(ids), failure=failure)
+        return Pending(future, arrived_text=self.release.receive(ids))
+
+    def submit_text(self, text: str) -> Pending:
+        if self._state.degraded:
+            return Pending(None, unjudged_text=text)
+        try:
+            future = self.stream.feed_text(text)
+        except (ModelFailed, EngineStopped) as exc:
+            return Pending(None, unjudged_text=text, failure=self._failure_of(exc))
+        return Pending(future, arrived_text=self.release.receive(self.stream.last_submitted_ids, text))
+
+    def submit_end(self) -> Pending:
+        """The response is complete: a text stream's held-back tail is judged (ids: nothing to do)."""
+        if self._state.degraded or not self.stream.text_mode:
+            return Pending(None, end=True)
+        try:
+            future = self.stream.end_text()
+        except (ModelFailed, EngineStopped) as exc:
+            return Pending(None, failure=self._failure_of(exc), end=True)
+        self.release.receive(self.stream.last_submitted_ids, "")
+        return Pending(future, end=True)
+
+    def _failure_of(self, exc: Exception) -> str:
+        if isinstance(exc, EngineStopped) and self._draining():
+            raise exc
+        return f"the guard model is unavailable ({exc})"
+
+    # ------------------------------------------------------------------ resolve (same order)
+
+    async def resolve(self, pending: Pending) -> ChunkOutcome | None:
+        """The chunk's outcome; None when there is nothing to report (an id stream's end, or the
+        response was already stopped). Raises the engine's error for a caller's fault (expired
+        session, limits): the front end ends the stream with its status."""
+        if self._state.interrupted:
+            return None
+        if pending.failure:
+            return self._model_failed(pending.failure, pending)
+        if pending.future is None and pending.end:
+            return None  # an id stream's end, or a degraded stream's: nothing left to judge
+        if pending.future is None or self._state.degraded:
+            return self._unjudged(pending, "")
+        try:
+            chunk = await self._await(pending.future)
+        except _ModelFailure as failure:
+            return self._model_failed(str(failure), pending)
+        return self._judged(chunk, pending)
+
+    async def _await(self, future: Future) -> Any:
+        """The engine's answer within the policy's timeout; _ModelFailure when the model failed."""
+        timeout = self.policy.model_timeout_ms / 1000
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            raise _ModelFailure(f"the guard model did not answer within {self.policy.model_timeout_ms} ms") from None
+        except ModelFailed as exc:
+            raise _ModelFailure(f"the guard model failed ({exc})") from None
+        except EngineStopped as exc:
+            if self._draining():
+                raise
+            raise _ModelFailure(f"the guard model is unavailable ({exc})") from None
+
+    def _judged(self, chunk: ChunkVerdict, pending: Pending) -> ChunkOutcome:
+        state, release = self._state, self.release
+        if chunk.tokens:
+            state.judged = chunk.tokens[-1].index + 1
+        for t in chunk.tokens:
+            release.mark(t.action is Action.REDACT)
+        action = chunk.action
+        text = pending.arrived_text + release.judged(state.judged, chunk.unsafe_run, chunk.span_start)
+        if action is Action.INTERRUPT:
+            state.interrupted = True
+            text += release.finish(interrupted=True)
+        return ChunkOutcome(
+            action=action,
+            tokens=chunk.tokens,
+            released_text=text,
+            released_ids=self._new_ids(),
+            released=release.released,
+            released_chars=release.released_chars,
+            judged=state.judged,
+            received=release.received,
+            flag_index=chunk.flag_index,
+            redactions=tuple(release.drain_spans()),
+            queue_s=chunk.queue_s,
+            compute_s=chunk.compute_s,
+        )
+
+    def _model_failed(self, why: str, pending: Pending) -> ChunkOutcome:
+        """Closed: interrupt with the reason. Open: release what was received, unjudged, from now on."""
+        reason = f"{why}; fail {self.policy.fail_mode.value}"
+        if self.policy.fail_mode is FailMode.CLOSED:
+            self._state.failure = reason
+            self._state.interrupted = True
+            return ChunkOutcome(
+                action=Action.INTERRUPT,
+                tokens=(),
+                released_text=pending.arrived_text,
+                released_ids=self._new_ids(),
+                released=self.release.released,
+                released_chars=self.release.released_chars,
+                judged=self._state.judged,
+                received=self.release.received,
+                reason=reason,
+                model_failure=reason,
+            )
+        self._state.degraded = True
+        return self._unjudged(pending, reason, model_failure=reason)
+
+    def _unjudged(self, pending: Pending, reason: str, model_failure: str = "") -> ChunkOutcome:
+        release = self.release
+        text = pending.arrived_text + self._flush_text_stream()
+        if pending.unjudged_text is not None:
+            text += release.release_unjudged_text(pending.unjudged_text)
+        else:
+            text += release.release_received()
+        return ChunkOutcome(
+            action=Action.CONTINUE,
+            tokens=(),
+            released_text=text,
+            released_ids=self._new_ids(),
+            released=release.released,
+            released_chars=release.released_chars,
+            judged=self._state.judged,
+            received=release.received,
+            unjudged=True,
+            reason=reason or UNJUDGED_REASON,
+            model_failure=model_failure,
+        )
+
+    def _flush_text_stream(self) -> str:
+        """Fail open on a text stream: the tokenizer's held-back text goes out with the rest."""
+        if not self.stream.text_mode or self.stream.text_finished:
+            return ""
+        echoed = self.mode is ReleaseMode.OPTIMISTIC  # its text went out on arrival
+        self.release.receive(self.stream.take_pending_ids(), "" if echoed else None)
+        return self.release.release_received()
+
+    def _new_ids(self) -> tuple[int, ...]:
+        ids = self.release.released_ids(self._state.ids_mark)
+        self._state.ids_mark = self.release.released
+        return tuple(ids)
+
+    # ------------------------------------------------------------------ end
+
+    def final(self) -> FinalOutcome:
+        """How the response ended: interrupted (the rule or fail closed), or completed (the
+        unfinished non-safe run and any partial character are released)."""
+        state, release = self._state, self.release
+        if state.ended:
+            raise RuntimeError("final() was already called for this response")
+        state.ended = True
+        withheld = release.received - release.released
+        if state.interrupted:
+            spans = tuple(release.drain_spans())
+            if state.failure:
+                return FinalOutcome(
+                    True, state.failure, state.judged, release.released, release.released_chars, redactions=spans,
+                    withheld=withheld,
+                )
+            index = self.stream.flag_index
+            category = self.stream.flag_category or ""
+            return FinalOutcome(
+                True,
+                f"interrupted at response token {index} ({category or 'unsafe'})",
+                state.judged,
+                release.released,
+                release.released_chars,
+                redactions=spans,
+                flag_index=index,
+                category=category,
+                withheld=withheld,
+            )
+        tail = release.finish(interrupted=False)
+        return FinalOutcome(
+            False,
+            "completed",
+            state.judged,
+            release.released,
+            release.released_chars,
+            released_text=tail,
+            released_ids=self._new_ids(),
+            redactions=tuple(release.drain_spans()),
+        )
+
+    def withhold(self, reason: str) -> FinalOutcome:
+        """End without releasing what is held back (the upstream failed and the policy fails closed)."""
+        state, release = self._state, self.release
+        state.ended = state.interrupted = True
+        return FinalOutcome(
+            True, reason, state.judged, release.released, release.released_chars,
+            redactions=tuple(release.drain_spans()), withheld=release.received - release.released,
+        )
+
+
+class _ModelFailure(Exception):
+    """The guard model did not answer in time, or failed; the policy's fail mode applies."""
