@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from guard.errors import EngineStopped, ModelFailed
@@ -115,7 +115,6 @@ class _State:
     failure: str = ""  # fail closed happened: the reason
     interrupted: bool = False
     ended: bool = False
-    timings: list[float] = field(default_factory=list)
 
 
 class ResponseSession:
