@@ -35,7 +35,7 @@ def scripted(guard_tokenizer):
 @pytest.fixture(scope="module")
 def running(demo_dir, policy_dir, scripted):
     with running_sidecar(
-        model=str(demo_dir), policies=str(policy_dir), judge="", upstream_url=scripted.url, idle_timeout_s=0.5
+        model=str(demo_dir), policies=str(policy_dir), judge="", upstream_url=scripted.url, idle_timeout_s=2.0
     ) as sidecar:
         yield sidecar
 
@@ -74,7 +74,7 @@ async def test_an_expired_session_ends_the_stream_with_a_status_not_fail_open(ru
         await outgoing.put(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids[:4])))
         first = await call.read()
         assert first.chunk.released == 4 and not first.chunk.unjudged
-        await asyncio.sleep(1.5)  # idle past idle_timeout_s (the behaviour under test is the timeout)
+        await asyncio.sleep(5.0)  # idle well past idle_timeout_s (the behaviour under test is the timeout)
         await outgoing.put(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids[4:])))
         later = []
         with pytest.raises(grpc.aio.AioRpcError) as info:
