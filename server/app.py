@@ -70,6 +70,10 @@ class Sidecar:
 
     async def set_serving(self, serving: bool) -> None:
         await self._set_health(("", *self.service_names), serving)
+        if serving:
+            for _, hosted in self.services:
+                if not hosted.available:
+                    await self._set_health(hosted.service_names, False)
 
     async def load(self) -> None:
         """Load each service off the event loop, in order; each reports SERVING once loaded, the
@@ -80,7 +84,7 @@ class Sidecar:
                     await hosted.load()
                 except Exception as exc:
                     raise ServiceLoadError(spec.name, exc) from exc
-            await self._set_health(hosted.service_names, True)
+            await self._set_health(hosted.service_names, hosted.available)
         log.info("event=ready services=%s", ",".join(spec.name for spec, _ in self.services))
         await self._set_health(("",), True)
 

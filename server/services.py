@@ -68,6 +68,7 @@ def _guarded_generation(ctx: ServiceContext) -> HostedService:
         service_names=(_full_name("GuardedGeneration"),),
         close=close,
         state=service,
+        available=upstream is not None,
     )
 
 

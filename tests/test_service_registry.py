@@ -153,12 +153,22 @@ def _reflected_services(channel) -> set[str]:
 
 
 def test_builtin_services_all_have_health_and_reflection(sidecar):
+    """The fixture has no upstream: GuardedGeneration is served (a clear UNAVAILABLE) and
+    reflected, but its health name stays NOT_SERVING so a readiness probe on it fails."""
     with grpc.insecure_channel(sidecar.address) as channel:
         reflected = _reflected_services(channel)
         for name in ("StreamGuard", "GuardedGeneration", "Judge", "Policies"):
             full = guard_pb2.DESCRIPTOR.services_by_name[name].full_name
             assert full in reflected, f"{full} missing from reflection"
-            assert _health(channel, full) == health_pb2.HealthCheckResponse.SERVING, full
+            expected = "NOT_SERVING" if name == "GuardedGeneration" else "SERVING"
+            assert _health(channel, full) == health_pb2.HealthCheckResponse.ServingStatus.Value(expected), full
+
+
+def test_guarded_generation_with_an_upstream_reports_serving(demo_dir):
+    with running_sidecar(model=str(demo_dir), judge="", upstream_url="http://127.0.0.1:9") as running:
+        with grpc.insecure_channel(running.address) as channel:
+            full = guard_pb2.DESCRIPTOR.services_by_name["GuardedGeneration"].full_name
+            assert _health(channel, full) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_an_installed_plugin_is_served_with_health_reflection_and_its_option(echo_plugin, demo_dir):
