@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 CACHE_ENV = "GUARD_CACHE_DIR"
@@ -29,3 +31,25 @@ def build_lock(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cached_build(
+    name: str, build: Callable[[Path], object], *, marker: str = "config.json", rebuild: bool = False
+) -> Path:
+    """``cache_dir()/name``, built once by ``build(tmp_dir)`` if ``marker`` is not there yet: one
+    builder at a time across processes, and the result appears atomically (never half-written)."""
+    target = cache_dir() / name
+    if rebuild:
+        shutil.rmtree(target, ignore_errors=True)
+    if (target / marker).exists():
+        return target
+    with build_lock(name):
+        if (target / marker).exists():  # another process built it while we waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir()))
+        try:
+            build(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from guard.cache import build_lock, cache_dir
+from guard.cache import cached_build
 from guard.demo.corpus import SAFE_PROMPTS, SAFE_SENTENCES, UNSAFE_PROMPTS, UNSAFE_SENTENCES
 from guard.model.config import DEMO_MARKER
 from guard.text.offline_tokenizer import cached_qwen3_tokenizer_dir
@@ -257,18 +254,4 @@ def train_demo_judge(out_dir: Path, *, steps: int = 280, seed: int = 0, max_roun
 
 def demo_judge_dir(rebuild: bool = False) -> Path:
     """The cached demo judge checkpoint, trained on first use."""
-    target = cache_dir() / JUDGE_VERSION
-    if rebuild:
-        shutil.rmtree(target, ignore_errors=True)
-    if (target / "config.json").exists():
-        return target
-    with build_lock(JUDGE_VERSION):
-        if (target / "config.json").exists():  # another process built it while we waited
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix="judge-", dir=cache_dir()))
-        try:
-            train_demo_judge(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(JUDGE_VERSION, train_demo_judge, rebuild=rebuild)

@@ -11,11 +11,8 @@ stacks; the result is saved under the official tensor names and loaded like any 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from guard.cache import build_lock, cache_dir
+from guard.cache import cached_build
 from guard.demo.corpus import UNSAFE_PROMPTS, UNSAFE_SENTENCES, DemoExample, coverage_corpus, generate_corpus
 from guard.demo.safe_text import safe_conversation, safe_conversations, safe_sentences
 from guard.model.config import DEMO_MARKER, StreamGuardConfig
@@ -338,18 +335,4 @@ def train_demo_checkpoint(out_dir: Path, *, steps: int = 400, seed: int = 0, max
 
 def demo_checkpoint_dir(rebuild: bool = False) -> Path:
     """The cached demo checkpoint, trained on first use (under a minute and a half on 2 idle CPU cores)."""
-    target = cache_dir() / DEMO_VERSION
-    if rebuild:
-        shutil.rmtree(target, ignore_errors=True)
-    if (target / "config.json").exists():
-        return target
-    with build_lock(DEMO_VERSION):  # one trainer at a time; the others wait and find it built
-        if (target / "config.json").exists():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix="demo-", dir=cache_dir()))
-        try:
-            train_demo_checkpoint(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(DEMO_VERSION, train_demo_checkpoint, rebuild=rebuild)
