@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b load-test deploy-policies deploy-render clean
+.PHONY: install serve demo test lint proto bench bench-0.6b bench-service profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,16 @@ bench-0.6b: install
 	$(BIN)/python benchmarks/stream_bench.py --model 0.6B --contexts 128,512,1024,2048,4096 \
 	  --naive-contexts 128,512,2048 --tokens 8 --naive-reps 1 --streams 1,4,16 --chunks 1,8 \
 	  --tokens-per-stream 8 --json benchmarks/results/0.6B-cpu.json
+
+## The whole sidecar against its engine alone and a model-free server of its contract (median of 3).
+bench-service: install
+	$(BIN)/python benchmarks/service_bench.py --streams 1,16,64 --chunks 1,8,32 --repeat 3 \
+	  --json benchmarks/results/service-demo-cpu.json
+
+## Where the sidecar's time goes at 16 streams x 8 tokens (py-spy, from the bench extra).
+profile-service: install
+	$(BIN)/pip install --quiet -e '.[serve,test,bench]'
+	$(BIN)/python benchmarks/service_bench.py --only '' --profile benchmarks/results/profile --profile-level 16x8
 
 ## N = 1, 16, 64 concurrent Moderate streams against a sidecar it starts (loopback).
 load-test: install

@@ -71,6 +71,21 @@ class GuardRuntime:
         self.engine.shutdown()
 
 
+_TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before anyone changes it: 0 means this
+
+
+def configure_torch_threads(requested: int = 0) -> int:
+    """Set torch's intra-op threads (the pool of the large forward passes); the number set.
+    0 = torch's default (OMP_NUM_THREADS, else the cores), as it was when this module loaded, so
+    calling it again gives the same answer. Small passes run on one thread anyway
+    (``EngineLimits.min_parallel_tokens``)."""
+    if requested < 0:
+        raise ValueError(f"torch threads must be >= 0, got {requested}")
+    threads = requested or _TORCH_DEFAULT_THREADS
+    torch.set_num_threads(threads)
+    return threads
+
+
 def load_runtime(
     model: str = "demo",
     *,

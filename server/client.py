@@ -31,6 +31,7 @@ def open_request(
     controversial: int = pb.STRICT,
     debounce: int = 0,
     include_probabilities: bool = False,
+    token_detail: int = pb.ALL_TOKENS,
 ) -> pb.ModerateRequest:
     return pb.ModerateRequest(
         open=pb.OpenRequest(
@@ -42,6 +43,7 @@ def open_request(
             controversial=controversial,
             debounce=debounce,
             include_probabilities=include_probabilities,
+            token_detail=token_detail,
         )
     )
 

@@ -31,7 +31,7 @@ from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode
 from server.upstream import Sampling, Upstream, UpstreamError, UpstreamPrompt
-from server.wire import Unavailable, chunk_pb, error_status
+from server.wire import Unavailable, check_token_detail, error_status, fill_chunk
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
             if self.upstream is None:
                 raise Unavailable("no upstream engine is configured (guard serve --upstream-url / --upstream-grpc)")
             sampling = self._sampling(request.sampling)
+            check_token_detail(request.token_detail, "GenerateRequest")
             policy = self.guard.policies.get(request.domain)
             rendered = self._rendered(runtime, request)
             path = await self.input_path(runtime)
@@ -84,7 +85,8 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                     "the upstream's tokenizer is not Qwen3's (text path): send `messages`, not `prompt_token_ids`"
                 )
             stream = runtime.moderator.open(
-                prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy
+                prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy,
+                loop=asyncio.get_running_loop(),
             )
             session = ResponseSession(
                 stream,
@@ -108,7 +110,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                 )
                 yield pb.GenerateResponse(end=pb.GenerationEnd(finish_reason="blocked", stopped=True, reason=reason))
                 return
-            generation = _Generation(self, session, request_id, path == "text")
+            generation = _Generation(self, session, request_id, path == "text", request.token_detail or pb.ALL_TOKENS)
             async with contextlib.aclosing(generation.run(upstream_prompt, sampling)) as responses:
                 async for response in responses:
                     yield response
@@ -178,7 +180,12 @@ class _Generation:
     """One guarded generation: upstream deltas in, the session's outcomes out as released chunks."""
 
     def __init__(
-        self, service: GuardedGenerationService, session: ResponseSession, request_id: str, text_path: bool
+        self,
+        service: GuardedGenerationService,
+        session: ResponseSession,
+        request_id: str,
+        text_path: bool,
+        token_detail: int = pb.ALL_TOKENS,
     ) -> None:
         self.guard = service.guard
         self.upstream = service.upstream
@@ -186,6 +193,7 @@ class _Generation:
         self.policy: Policy = session.policy
         self.request_id = request_id
         self.text_path = text_path
+        self.token_detail = token_detail
         self.progress = _Progress()
         self.max_chunk_tokens = service.guard.settings.max_chunk_tokens  # coalesced chunks stay within limits
         self.max_text_chars = service.guard.settings.max_text_chars
@@ -284,10 +292,13 @@ class _Generation:
 
     def _chunk(self, outcome: ChunkOutcome) -> pb.GenerateResponse:
         """A released chunk: the text always, guard token ids on the token path (they are the upstream's)."""
-        ids = [] if self.text_path else list(outcome.released_ids)
-        return pb.GenerateResponse(
-            chunk=pb.GenerationChunk(token_ids=ids, text=outcome.released_text, verdict=chunk_pb(outcome, False))
-        )
+        response = pb.GenerateResponse()
+        chunk = response.chunk
+        if not self.text_path:
+            chunk.token_ids.extend(outcome.released_ids)
+        chunk.text = outcome.released_text
+        fill_chunk(chunk.verdict, outcome, False, self.token_detail)
+        return response
 
     async def _finish(self, finish_reason: str, reason: str = "completed") -> AsyncIterator[pb.GenerateResponse]:
         """The upstream ended: judge a text stream's held-back tail, release the rest, end."""

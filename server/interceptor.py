@@ -518,6 +518,7 @@ class GuardInterceptor:
             release_mode=self._mode,
             debounce=self._debounce,
             controversial=self._controversial,
+            token_detail=pb.NOT_SAFE_TOKENS,  # only the flagged token's category is read from them
         )
         if self._conversation is not None:
             fields["messages"] = list(self._conversation(request))

@@ -65,6 +65,7 @@ class Metrics:
         self.verdicts = Counter(
             "guard_verdicts_total", "Verdicts by stage, risk and category.", ("stage", "risk", "category"), registry=r
         )
+        self._verdict_children: dict[tuple[str, str, str], Counter] = {}  # bounded: stages x levels x categories
         self.actions = Counter(
             "guard_actions_total",
             "Actions by stage, action and category.",
@@ -91,6 +92,15 @@ class Metrics:
         self.errors = Counter(
             "guard_stream_errors_total", "Streams ended by an error, by gRPC code.", ("code",), registry=r
         )
+
+    def verdict_counter(self, stage: str, risk: str, category: str) -> Counter:
+        """The verdicts counter's child for these labels, looked up once (``labels()`` is not free
+        and runs for every chunk)."""
+        key = (stage, risk, category)
+        child = self._verdict_children.get(key)
+        if child is None:
+            child = self._verdict_children[key] = self.verdicts.labels(stage, risk, category)
+        return child
 
     def on_step(self, stats: StepStats) -> None:
         """Engine hook, called on the engine thread after each forward pass."""
@@ -149,6 +159,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler  # synchronous handlers are not wrapped (none are registered here)
         labels = (kind, service, method)
         m = self.m
+        received, sent = m.msg_received.labels(*labels), m.msg_sent.labels(*labels)  # once, not per message
 
         def finish(context: grpc.aio.ServicerContext, started: float, error: BaseException | None) -> None:
             code = context.code() if hasattr(context, "code") else None
@@ -162,7 +173,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
         async def count_requests(iterator: AsyncIterator) -> AsyncIterator:
             async for item in iterator:
-                m.msg_received.labels(*labels).inc()
+                received.inc()
                 yield item
 
         def begin(request_or_iterator):
@@ -170,7 +181,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             m.started.labels(*labels).inc()
             if handler.request_streaming:
                 return count_requests(request_or_iterator), time.perf_counter()
-            m.msg_received.labels(*labels).inc()
+            received.inc()
             return request_or_iterator, time.perf_counter()
 
         if handler.response_streaming:
@@ -180,7 +191,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 error = None
                 try:
                     async for response in behavior(request_or_iterator, context):
-                        m.msg_sent.labels(*labels).inc()
+                        sent.inc()
                         yield response
                 except BaseException as exc:
                     error = exc
@@ -196,7 +207,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
                 error = None
                 try:
                     response = await behavior(request_or_iterator, context)
-                    m.msg_sent.labels(*labels).inc()
+                    sent.inc()
                     return response
                 except BaseException as exc:
                     error = exc

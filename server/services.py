@@ -21,7 +21,7 @@ def _full_name(service: str) -> str:
 
 
 def _stream_guard(ctx: ServiceContext) -> HostedService:
-    from guard.runtime import load_runtime
+    from guard.runtime import configure_torch_threads, load_runtime
     from server.stream_guard import RuntimeHolder, StreamGuardService
 
     holder = RuntimeHolder()
@@ -29,6 +29,8 @@ def _stream_guard(ctx: ServiceContext) -> HostedService:
     s = ctx.settings
 
     async def load() -> None:
+        threads = configure_torch_threads(s.torch_threads)
+        log.info("event=torch_threads threads=%d", threads)
         holder.runtime = await asyncio.to_thread(
             load_runtime, s.model, device=s.device, dtype=s.dtype, limits=s.engine_limits(), on_step=ctx.metrics.on_step
         )
@@ -117,7 +119,7 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
     ServiceSpec(
         "StreamGuard",
         _stream_guard,
-        settings_fields=("model", "device", "dtype", *_settings_fields("max_"), "idle_timeout_s"),
+        settings_fields=("model", "device", "dtype", "torch_threads", *_settings_fields("max_"), "idle_timeout_s"),
         description="per-token moderation of response streams (Stream Qwen3Guard)",
     ),
     ServiceSpec(

@@ -22,6 +22,7 @@ class ServeSettings:
     model: str = "demo"  # checkpoint directory or 'demo'
     device: str = "cpu"
     dtype: str = "float32"
+    torch_threads: int = 0  # intra-op threads of large forward passes; 0 = torch's default
     address: str = "[::]:50051"  # gRPC listen address
     metrics_port: int = 9464  # Prometheus /metrics; 0 disables
     max_sessions: int = 256
@@ -31,6 +32,8 @@ class ServeSettings:
     max_queued_chunks: int = 4096
     idle_timeout_s: float = 300.0
     max_step_tokens: int = 2048
+    max_batch_wait_ms: float = 2.0  # a forward pass waits this long at most for the previous one's sessions
+    min_parallel_tokens: int = 256  # smaller forward passes run on one torch thread (the loop keeps a core)
     max_kv_cache_mb: int = 0  # 0 = no byte budget beyond the session/token limits
     judge: str = "demo"  # Generative judge checkpoint directory, 'demo', or '' for none
     judge_endpoint: str = ""  # or an OpenAI-compatible endpoint (e.g. vLLM serving Qwen3Guard-Gen)
@@ -78,6 +81,8 @@ class ServeSettings:
             max_queued_chunks=self.max_queued_chunks,
             idle_timeout_s=self.idle_timeout_s,
             max_step_tokens=self.max_step_tokens,
+            max_batch_wait_ms=self.max_batch_wait_ms,
+            min_parallel_tokens=self.min_parallel_tokens,
             max_kv_cache_bytes=self.max_kv_cache_mb * 2**20 or None,
         )
 

@@ -14,6 +14,7 @@ closed in ``finally`` so its KV cache slot is freed at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -33,11 +34,12 @@ from server.metrics import Metrics
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 from server.settings import ServeSettings
-from server.wire import ACTION, Unavailable, chunk_pb, error_status, final_pb, verdict_pb
+from server.wire import ACTION, Unavailable, check_token_detail, error_status, fill_chunk, final_pb, verdict_pb
 
 log = logging.getLogger(__name__)
 
 READ_AHEAD = 64  # chunks submitted to the engine and not yet answered, per stream (backpressure beyond)
+DRAIN_AFTER_STOP_S = 5.0  # after an interrupt, how long chunks still in flight are read and dropped
 
 
 class RuntimeHolder:
@@ -120,6 +122,7 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
         reader: asyncio.Task | None = None
         request_id = ""
         code, message = grpc.StatusCode.OK, ""
+        ended = False  # `final` was sent: a cancel from here on is the caller hanging up, not an error
         try:
             runtime = self.holder.ready()
             first = await anext(aiter(request_iterator), None)
@@ -153,6 +156,7 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
                 yield pb.ModerateResponse(final=final_pb(session.final()))
                 return
             probabilities = opened.include_probabilities
+            detail = opened.token_detail or pb.ALL_TOKENS
             queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=READ_AHEAD)
             reader = asyncio.create_task(self._read(request_iterator, session, queue))
             while True:
@@ -162,15 +166,21 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
                 outcome = await session.resolve(item.pending) if item.pending is not None else None
                 if outcome is not None:
                     self.record_chunk(policy, outcome)
-                    yield pb.ModerateResponse(chunk=chunk_pb(outcome, probabilities))
+                    response = pb.ModerateResponse()
+                    fill_chunk(response.chunk, outcome, probabilities, detail)
+                    yield response
                 if session.stopped or item.last:
                     final = session.final()
                     if final.interrupted:
                         self.metrics.interrupts.labels(final.category).inc()
                     yield pb.ModerateResponse(final=final_pb(final))
+                    ended = True
+                    if not item.last:
+                        session.close("interrupted")  # its KV slot is free while the caller catches up
+                        await _drain_after_stop(queue)
                     return
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            code = grpc.StatusCode.OK if ended else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             code, message = error_status(exc, request_id=request_id, rpc="StreamGuard.Moderate")
@@ -196,6 +206,7 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
         """The domain's policy; a caller may tighten debounce or Controversial, never loosen them."""
         if opened.debounce > 64:
             raise InvalidInput(f"open: `debounce` must be <= 64, got {opened.debounce}")
+        check_token_detail(opened.token_detail, "open")
         policy = self.policies.get(opened.domain)
         return policy.tightened(debounce=opened.debounce or None, strict=opened.controversial == pb.STRICT)
 
@@ -210,8 +221,10 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
             raise InvalidInput(f"open: the conversation has {total_chars} characters; at most {limit_chars}")
         if opened.messages:
             messages = [{"role": m.role, "content": m.content} for m in opened.messages]
-            return runtime.moderator.open(messages=messages, policy=policy)
-        return runtime.moderator.open(prompt_ids=list(opened.prompt_token_ids), policy=policy)
+            return runtime.moderator.open(messages=messages, policy=policy, loop=asyncio.get_running_loop())
+        return runtime.moderator.open(
+            prompt_ids=list(opened.prompt_token_ids), policy=policy, loop=asyncio.get_running_loop()
+        )
 
     async def _read(
         self, requests: AsyncIterator[pb.ModerateRequest], session: ResponseSession, queue: asyncio.Queue[_Item]
@@ -256,27 +269,43 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
         self.metrics.actions.labels("prompt", verdict.action.name, category).inc()
 
     def record_chunk(self, policy: Policy, outcome: ChunkOutcome) -> None:
-        """Metrics of one chunk outcome (any front end)."""
+        """Metrics of one chunk outcome (any front end): one counter update per kind of verdict
+        in the chunk, not one per token."""
         m = self.metrics
         if outcome.model_failure:
             self._count_failure(policy, "response")
-        if not outcome.tokens:
+        chunk = outcome.verdict
+        if chunk is None or not chunk.count:
             return
-        for t in outcome.tokens:
-            m.verdicts.labels("response", t.level.name, t.verdict.category or "").inc()
-        m.tokens.inc(len(outcome.tokens))
+        for (level, category), count in chunk.verdict_counts().items():
+            m.verdict_counter("response", level.name, category).inc(count)
+        m.tokens.inc(chunk.count)
         m.chunk_seconds.observe(outcome.queue_s + outcome.compute_s)
         m.queue_seconds.observe(outcome.queue_s)
         action = outcome.action
         if action is not Action.CONTINUE:
-            category = next((t.verdict.category for t in outcome.tokens if t.action is action), None) or ""
-            m.actions.labels("response", action.name, category).inc()
+            at = chunk.first_with(action)
+            m.actions.labels("response", action.name, chunk.category_at(at) if at is not None else "").inc()
 
     def _count_failure(self, policy: Policy, stage: str) -> None:
         self.metrics.fail_mode.labels(policy.name, policy.fail_mode.value, stage).inc()
         log.warning(
             "event=guard_model_failure domain=%s fail_mode=%s stage=%s", policy.name, policy.fail_mode.value, stage
         )
+
+
+async def _drain_after_stop(queue: asyncio.Queue[_Item]) -> None:
+    """The response was stopped while the caller may still be writing (a pipelining caller has
+    chunks in flight). Ending the stream now would make gRPC fail the caller's next write with
+    INTERNAL and drop the interrupt and `final` it has not read yet; so what still arrives is
+    read and dropped (never judged) until the caller half-closes or hangs up, at most
+    DRAIN_AFTER_STOP_S, and the stream then ends OK."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_AFTER_STOP_S):
+            while True:
+                item = await queue.get()
+                if item.last or item.error is not None:
+                    return
 
 
 def requested_release_mode(requested: int, policy: Policy) -> ReleaseMode:

@@ -70,3 +70,18 @@ def test_unknown_upstream_input_path_is_refused():
 
     with pytest.raises(ValueError, match="auto, token_ids, text"):
         GuardedGenerationService(guard=None, upstream=None, input_path="bytes")
+
+
+def test_torch_threads_setting():
+    import torch
+
+    from guard.runtime import _TORCH_DEFAULT_THREADS, configure_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert configure_torch_threads(3) == 3 == torch.get_num_threads()
+        assert configure_torch_threads(0) == _TORCH_DEFAULT_THREADS == torch.get_num_threads()  # 0: torch's default
+        with pytest.raises(ValueError, match="threads"):
+            configure_torch_threads(-1)
+    finally:
+        torch.set_num_threads(before)

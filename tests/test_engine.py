@@ -304,3 +304,82 @@ def test_kv_cache_growth_never_holds_more_than_the_budget(guard):
         assert engine.cache.free_slots == engine.limits.max_sessions - len(served)
     finally:
         engine.shutdown()
+
+
+def test_a_step_waits_for_the_sessions_of_the_previous_step(guard):
+    """The batch window: after a step of 4 sessions, 3 returning sessions wait for the 4th (up
+    to max_batch_wait_ms) so all 4 share one forward pass; a window that times out adapts."""
+    steps = []
+    eng = StreamEngine(
+        guard, EngineLimits(max_sessions=8, max_batch_wait_ms=1000), on_step=lambda stats: steps.append(stats.rows)
+    )
+    try:
+        rng = random.Random(3)
+        sessions = [eng.open_session(random_ids(rng, 5))[0] for _ in range(4)]
+        eng.barrier().result(timeout=30)
+        first = [eng.submit(s, random_ids(rng, 3)) for s in sessions]
+        for f in first:
+            f.result(timeout=30)
+        rounds_before = len(steps)
+        late = [eng.submit(s, random_ids(rng, 3)) for s in sessions[:3]]
+        time.sleep(0.1)  # well inside the 1 s window: nothing ran yet
+        assert not any(f.done() for f in late) and len(steps) == rounds_before
+        late.append(eng.submit(sessions[3], random_ids(rng, 3)))
+        for f in late:
+            f.result(timeout=30)
+        assert steps[rounds_before:] == [4]  # one forward pass for all four
+
+        eng.close(sessions[3])  # one stream ended: the next window times out once, then adapts
+        started = time.monotonic()
+        for f in [eng.submit(s, random_ids(rng, 3)) for s in sessions[:3]]:
+            f.result(timeout=30)
+        assert time.monotonic() - started < 5
+        adapted = [eng.submit(s, random_ids(rng, 3)) for s in sessions[:3]]
+        for f in adapted:
+            f.result(timeout=30)
+        assert steps[-1] == 3
+    finally:
+        eng.shutdown()
+
+
+def test_one_stream_never_waits_for_the_batch_window(guard):
+    steps = []
+    eng = StreamEngine(
+        guard, EngineLimits(max_sessions=2, max_batch_wait_ms=1000), on_step=lambda stats: steps.append(stats.rows)
+    )
+    try:
+        rng = random.Random(4)
+        session, prompt = eng.open_session(random_ids(rng, 5))
+        prompt.result(timeout=30)
+        started = time.monotonic()
+        for _ in range(20):  # 20 waits of the 1 s window would take 20 s
+            eng.submit(session, random_ids(rng, 2)).result(timeout=30)
+        assert time.monotonic() - started < 10
+        assert set(steps) == {1}
+    finally:
+        eng.shutdown()
+
+
+def test_batch_window_is_validated():
+    with pytest.raises(ValueError, match="max_batch_wait_ms"):
+        EngineLimits(max_batch_wait_ms=-1)
+
+
+def test_small_forward_passes_run_on_one_thread_and_large_ones_on_the_pool(guard):
+    """min_parallel_tokens: the worker sets its own intra-op threads per pass; the caller's
+    thread count is untouched."""
+    before = torch.get_num_threads()
+    steps = []
+    eng = StreamEngine(guard, EngineLimits(max_sessions=2, min_parallel_tokens=16), on_step=steps.append)
+    try:
+        rng = random.Random(5)
+        ids = random_ids(rng, 40)
+        session, prompt = eng.open_session(ids[:5])
+        prompt.result(timeout=30)
+        eng.submit(session, ids[5:9]).result(timeout=30)
+        eng.submit(session, ids[9:40]).result(timeout=30)
+    finally:
+        eng.shutdown()
+    assert [(s.tokens, s.threads) for s in steps] == [(5, 1), (4, 1), (31, eng._pool_threads)]
+    assert eng._pool_threads == before  # the worker's pool is the process's setting
+    assert torch.get_num_threads() == before

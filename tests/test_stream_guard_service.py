@@ -94,7 +94,87 @@ async def test_token_ids_and_probabilities(sidecar, guard_tokenizer):
             assert final.action == pb.INTERRUPT
 
 
-async def test_chunks_after_an_interrupt_are_refused(sidecar, guard_tokenizer):
+async def moderate_ids(address: str, ids: list[int], chunk: int, **fields) -> list[pb.ModerateResponse]:
+    async with SidecarClient(address) as client:
+        async with client.moderate(messages=user(UNSAFE.prompt), **fields) as stream:
+            out = []
+            for i in range(0, len(ids), chunk):
+                out.append(await stream.send_ids(ids[i : i + chunk]))
+                if stream.interrupted:
+                    break
+            await stream.close()
+    return out
+
+
+def chunk_without(response: pb.ModerateResponse, *fields: str) -> pb.ChunkVerdict:
+    chunk = pb.ChunkVerdict()
+    chunk.CopyFrom(response.chunk)
+    for name in ("timing", *fields):
+        chunk.ClearField(name)
+    return chunk
+
+
+async def test_token_detail_trims_token_verdicts_and_nothing_else(sidecar, guard_tokenizer):
+    """NOT_SAFE_TOKENS carries exactly the non-safe tokens of ALL_TOKENS, NO_TOKENS none; the
+    actions, counters, released text and first_unsafe_index are the same in every mode."""
+    ids = guard_tokenizer.encode(SAFE.response) + guard_tokenizer.encode(" " + UNSAFE.response)
+    by_detail = {
+        detail: await moderate_ids(sidecar.address, ids, 4, token_detail=detail)
+        for detail in (pb.TOKEN_DETAIL_UNSPECIFIED, pb.ALL_TOKENS, pb.NOT_SAFE_TOKENS, pb.NO_TOKENS)
+    }
+    full = by_detail[pb.ALL_TOKENS]
+    assert [chunk_without(r) for r in full] == [chunk_without(r) for r in by_detail[pb.TOKEN_DETAIL_UNSPECIFIED]]
+    assert full[-1].chunk.action == pb.INTERRUPT and all(len(r.chunk.tokens) for r in full)
+    all_safe_chunks = 0
+    for detail in (pb.NOT_SAFE_TOKENS, pb.NO_TOKENS):
+        trimmed = by_detail[detail]
+        assert len(trimmed) == len(full)
+        for a, b in zip(full, trimmed, strict=True):
+            not_safe = [t for t in a.chunk.tokens if t.verdict.risk != pb.SAFE]
+            assert list(b.chunk.tokens) == (not_safe if detail == pb.NOT_SAFE_TOKENS else [])
+            all_safe_chunks += not not_safe
+            assert chunk_without(a, "tokens") == chunk_without(b, "tokens")  # all but the token verdicts
+    flagged = by_detail[pb.NOT_SAFE_TOKENS][-1].chunk
+    assert flagged.first_unsafe_index in [t.index for t in flagged.tokens]  # the flagged token is always there
+    assert all_safe_chunks > 0
+
+
+async def test_unknown_token_detail_is_invalid_argument(sidecar):
+    error = await rpc_error(sidecar.address, [open_request(messages=user("Hi"), token_detail=7)])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_detail" in error.details()
+
+
+async def test_chunks_in_flight_after_an_interrupt_are_dropped_and_the_stream_ends_ok(sidecar, guard_tokenizer):
+    """A pipelining caller still writing after the interrupt: its writes succeed, nothing more is
+    judged or answered, and the stream ends OK when it half-closes (gRPC would otherwise fail
+    its next write with INTERNAL and lose the interrupt and `final` it had not read yet)."""
+    ids = guard_tokenizer.encode(UNSAFE.response)
+    async with grpc.aio.insecure_channel(sidecar.address) as channel:
+        call = pb_grpc.StreamGuardStub(channel).Moderate()
+        await call.write(open_request(messages=user(UNSAFE.prompt)))
+        await call.read()
+        await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids)))
+        for _ in range(5):  # in flight: written before the caller reads the interrupt
+            await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids[:4])))
+        assert (await call.read()).chunk.action == pb.INTERRUPT
+        assert (await call.read()).WhichOneof("kind") == "final"
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        with pytest.raises(asyncio.InvalidStateError):
+            await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=[1])))
+    async with SidecarClient(sidecar.address) as client:
+        for _ in range(100):
+            if (await client.info()).live_sessions == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert (await client.info()).live_sessions == 0
+
+
+async def test_a_caller_that_never_half_closes_after_an_interrupt_is_ended(sidecar, guard_tokenizer, monkeypatch):
+    import server.stream_guard
+
+    monkeypatch.setattr(server.stream_guard, "DRAIN_AFTER_STOP_S", 0.5)
     ids = guard_tokenizer.encode(UNSAFE.response)
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
         call = pb_grpc.StreamGuardStub(channel).Moderate()
@@ -103,10 +183,8 @@ async def test_chunks_after_an_interrupt_are_refused(sidecar, guard_tokenizer):
         await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids)))
         assert (await call.read()).chunk.action == pb.INTERRUPT
         assert (await call.read()).WhichOneof("kind") == "final"
-        assert await call.read() is grpc.aio.EOF
+        assert await asyncio.wait_for(call.read(), 30) is grpc.aio.EOF  # the sidecar ended it
         assert await call.code() == grpc.StatusCode.OK
-        with pytest.raises(asyncio.InvalidStateError):
-            await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=[1])))
 
 
 async def rpc_error(address: str, requests: list[pb.ModerateRequest]) -> grpc.aio.AioRpcError:

@@ -2,27 +2,34 @@
 pending chunks of many sessions into a single forward pass per step.
 
 Threading model: callers (the gRPC event loop, the CLI, tests) submit work from any thread and
-get ``concurrent.futures.Future`` objects back; one worker thread owns the model and the KV
-pool, plans each step under the lock and runs the forward pass outside it. Only the worker
-touches the pool, so slots are allocated, grown and freed without races.
+get futures back: ``concurrent.futures.Future`` objects, or futures of the caller's asyncio loop
+for a session opened with ``loop=``. One worker thread owns the model and the KV pool, plans
+each step under the lock and runs the forward pass outside it. Only the worker touches the pool,
+so slots are allocated, grown and freed without races. The worker does model work only: the
+step's head outputs (probabilities and their argmaxes, for the whole batch at once) are sliced
+per chunk and handed to each event loop in one batch per step (``guard.delivery``); verdicts,
+policies and release run on the callers' side.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import logging
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 import torch
 
+from guard.delivery import AnyFuture, Outcome, new_future, settle
 from guard.errors import EngineStopped, InvalidInput, LimitExceeded, ModelFailed, SessionClosed, SessionExpired
 from guard.model.checkpoint import LoadedGuard
 from guard.model.kv_cache import CacheFull, StepLayout, StepRow
@@ -42,6 +49,13 @@ class EngineLimits:
     max_step_tokens: int = 2048  # tokens in one forward pass, all sessions together
     max_row_tokens: int = 512  # tokens of one session in one step (chunked prefill)
     max_kv_cache_bytes: int | None = None  # cap on the pooled KV cache; None = bounded by the limits above
+    # A step waits at most this long for the sessions of the previous step to come back, so they
+    # share one forward pass instead of trickling into several (0: start as soon as any is ready).
+    max_batch_wait_ms: float = 2.0
+    # A forward pass of fewer tokens runs on one intra-op thread. Alone, the engine is fastest on
+    # all of torch's threads (0); in the sidecar, splitting a few rows over the pool costs more
+    # than it saves (waking workers, workers spinning on the cores the event loop and gRPC need).
+    min_parallel_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -56,6 +70,10 @@ class EngineLimits:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.idle_timeout_s <= 0:
             raise ValueError(f"`idle_timeout_s` must be > 0, got {self.idle_timeout_s}")
+        if self.min_parallel_tokens < 0:
+            raise ValueError(f"`min_parallel_tokens` must be >= 0, got {self.min_parallel_tokens}")
+        if not 0 <= self.max_batch_wait_ms <= 1000:
+            raise ValueError(f"`max_batch_wait_ms` must be in [0, 1000], got {self.max_batch_wait_ms}")
 
 
 class WorkKind(Enum):
@@ -82,6 +100,9 @@ class ChunkScores:
     first_index: int  # response index of token_ids[0]
     risk_probs: np.ndarray  # [T, num_risk]
     category_probs: np.ndarray  # [T, num_category]
+    risk_index: list[int]  # [T] argmax of risk_probs (computed once per step for the whole batch)
+    category_index: list[int]  # [T] argmax of category_probs
+    risk_probability: list[float]  # [T] probability of the argmax risk label
     queue_s: float  # submitted -> first scheduled
     compute_s: float  # first scheduled -> last token judged
     step_rows: int  # sessions batched in the step that finished this chunk
@@ -95,19 +116,19 @@ class StepStats:
     tokens: int
     compute_s: float
     kv_bytes: int
+    threads: int = 1  # intra-op threads the pass ran on
 
 
 @dataclass
 class _Work:
     kind: WorkKind
     ids: list[int]
-    future: Future
+    future: AnyFuture
     first_index: int = 0
     scheduled: int = 0
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
-    risk: list[np.ndarray] = field(default_factory=list)
-    category: list[np.ndarray] = field(default_factory=list)
+    parts: list[tuple] = field(default_factory=list)  # per step: probabilities, argmaxes, chosen probability
 
 
 @dataclass
@@ -125,6 +146,7 @@ class EngineSession:
     closed_reason: str | None = None
     closed_error: type[SessionClosed] = SessionClosed  # what later calls on the closed session raise
     last_active: float = field(default_factory=time.monotonic)
+    loop: asyncio.AbstractEventLoop | None = None  # futures of this loop, else thread-safe ones
 
     @property
     def closed(self) -> bool:
@@ -165,7 +187,10 @@ class StreamEngine:
         self._ready: deque[EngineSession] = deque()
         self._release: list[int] = []  # slots of closed sessions, freed by the worker
         self._barriers: list[Future] = []
+        self._vocab = self.config.vocab_size
         self._queued = 0
+        self._last_rows = 0  # sessions in the previous step: how many the next one waits for
+        self._wanted = 1  # ready sessions that wake the worker (more while it gathers a batch)
         self._stopping = False
         self.steps = 0
         self.tokens_scored = 0
@@ -190,8 +215,12 @@ class StreamEngine:
         preamble_ids: Sequence[int] = (),
         *,
         session_id: str | None = None,
-    ) -> tuple[EngineSession, Future[PromptScores]]:
-        """Start a session: its prompt is prefilled once; the future gives the prompt scores."""
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> tuple[EngineSession, AnyFuture]:
+        """Start a session: its prompt is prefilled once; the future gives the prompt scores.
+
+        With ``loop``, this session's futures are futures of that event loop, settled on it in one
+        hand-off per step (the sidecar's path); without, thread-safe futures settled in place."""
         prompt = self._checked_ids(prompt_ids, "prompt")
         preamble = self._checked_ids(preamble_ids, "preamble")
         if not prompt:
@@ -201,7 +230,7 @@ class StreamEngine:
             raise LimitExceeded(
                 f"the prompt has {total} tokens; the limit per session is {self.limits.max_tokens_per_session}"
             )
-        future: Future[PromptScores] = Future()
+        future = new_future(loop)
         with self._lock:
             self._check_open()
             if len(self._sessions) >= self.limits.max_sessions:
@@ -209,7 +238,7 @@ class StreamEngine:
             sid = session_id or uuid.uuid4().hex
             if sid in self._sessions:
                 raise InvalidInput(f"a session with id {sid!r} is already open")
-            session = EngineSession(id=sid, prompt_tokens=len(prompt), accepted=total)
+            session = EngineSession(id=sid, prompt_tokens=len(prompt), accepted=total, loop=loop)
             self._sessions[sid] = session
             session.queue.append(_Work(WorkKind.PROMPT, prompt, future))
             if preamble:
@@ -218,12 +247,12 @@ class StreamEngine:
             self._mark_ready(session)
         return session, future
 
-    def submit(self, session: EngineSession, token_ids: Sequence[int]) -> Future[ChunkScores]:
-        """Queue response tokens; the future resolves when all of them are judged."""
+    def submit(self, session: EngineSession, token_ids: Sequence[int]) -> AnyFuture:
+        """Queue response tokens; the future resolves to their ChunkScores when all are judged."""
         ids = self._checked_ids(token_ids, "chunk")
         if len(ids) > self.limits.max_chunk_tokens:
             raise InvalidInput(f"the chunk has {len(ids)} tokens; at most {self.limits.max_chunk_tokens} are allowed")
-        future: Future[ChunkScores] = Future()
+        future = new_future(session.loop)
         with self._lock:
             self._check_live(session)
             session.last_active = time.monotonic()
@@ -244,7 +273,7 @@ class StreamEngine:
                 self._queued += 1
                 self._mark_ready(session)
                 return future
-        future.set_result(empty)  # outside the lock: callbacks may call back into the engine
+        settle([(future, empty, None)])  # outside the lock: callbacks may call back into the engine
         return future
 
     def close(self, session: EngineSession, reason: str = "closed", error: type[SessionClosed] = SessionClosed) -> None:
@@ -280,7 +309,9 @@ class StreamEngine:
 
     def _checked_ids(self, ids: Sequence[int], what: str) -> list[int]:
         out = list(ids)
-        vocab = self.config.vocab_size
+        vocab = self._vocab
+        if not out or (set(map(type, out)) == {int} and min(out) >= 0 and max(out) < vocab):
+            return out  # the common case, checked in C: plain ints inside the vocabulary
         for pos, tid in enumerate(out):
             if not isinstance(tid, int | np.integer) or isinstance(tid, bool):
                 raise InvalidInput(f"{what} token id at position {pos} must be an integer, got {tid!r}")
@@ -301,11 +332,12 @@ class StreamEngine:
         if not session.in_ready:
             session.in_ready = True
             self._ready.append(session)
-            self._wake.notify()
+            if len(self._ready) >= self._wanted:  # a gathering worker is woken once, not per arrival
+                self._wake.notify()
 
     def _close_locked(
         self, session: EngineSession, reason: str, error: type[SessionClosed] = SessionClosed
-    ) -> list[Future]:
+    ) -> list[AnyFuture]:
         if session.closed:
             return []
         session.closed_reason = reason
@@ -321,17 +353,8 @@ class StreamEngine:
         return failed
 
     @staticmethod
-    def _fail(futures: list[Future], error: Exception) -> None:
-        for f in futures:
-            with contextlib.suppress(InvalidStateError):  # already resolved: the result won the race
-                f.set_exception(error)
-
-    @staticmethod
-    def _resolve(done: list[tuple[Future, object]]) -> None:
-        """Callbacks run here, on the worker: they must be cheap (verdicts, event-loop wake-ups)."""
-        for future, value in done:
-            with contextlib.suppress(InvalidStateError):  # failed by a concurrent close
-                future.set_result(value)
+    def _fail(futures: list[AnyFuture], error: Exception) -> None:
+        settle([(f, None, error) for f in futures])  # an already resolved one keeps its result
 
     def _empty_scores(self, first_index: int) -> ChunkScores:
         cfg = self.config
@@ -340,6 +363,9 @@ class StreamEngine:
             first_index,
             np.zeros((0, len(cfg.response_risk.labels)), np.float32),
             np.zeros((0, len(cfg.response_categories)), np.float32),
+            [],
+            [],
+            [],
             0.0,
             0.0,
             0,
@@ -348,6 +374,7 @@ class StreamEngine:
     # ----------------------------------------------------------------- worker thread
 
     def _run(self) -> None:
+        self._pool_threads = self._threads = torch.get_num_threads()  # this thread's; set per step below
         check_every = min(1.0, self.limits.idle_timeout_s / 4)
         next_expiry = time.monotonic() + check_every
         while True:
@@ -365,8 +392,11 @@ class StreamEngine:
                 if time.monotonic() >= next_expiry:
                     expired = self._expire_idle()
                     next_expiry = time.monotonic() + check_every
+                self._gather()
                 self._release_slots()
                 plan, failed = self._plan_step()
+                if plan:
+                    self._last_rows = len(plan)
                 barriers, self._barriers = self._barriers, []
             for futures, error in [*expired, *failed]:
                 self._fail(futures, error)
@@ -379,6 +409,27 @@ class StreamEngine:
                     log.exception("event=step_failed rows=%d", len(plan))
                     for p in plan:
                         self.close(p.session, f"failed: the model step raised {type(exc).__name__}", ModelFailed)
+
+    def _gather(self) -> None:
+        """Wait (bounded by ``max_batch_wait_ms``) while fewer sessions are ready than the last
+        step served. Their callers are turning their results into the next chunk; starting now
+        would split them over two forward passes, each paying the fixed cost of a step, and the
+        step would compete with those callers for the CPU. One stream never waits (1 >= 1)."""
+        wait = self.limits.max_batch_wait_ms / 1000
+        if wait <= 0 or len(self._ready) >= self._last_rows:
+            return
+        deadline = time.monotonic() + wait
+        self._wanted = self._last_rows
+        try:
+            while len(self._ready) < self._last_rows and not (self._stopping or self._barriers):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.wait(remaining)
+        finally:
+            self._wanted = 1
+        if len(self._ready) < self._last_rows:
+            self._last_rows = len(self._ready)
 
     def _expire_idle(self) -> list[tuple[list[Future], Exception]]:
         now = time.monotonic()
@@ -440,6 +491,21 @@ class StreamEngine:
     def _unscheduled(session: EngineSession) -> int:
         return sum(len(w.ids) - w.scheduled for w in session.queue)
 
+    @contextlib.contextmanager
+    def _threads_for(self, tokens: int) -> Iterator[None]:
+        """One intra-op thread for a small forward pass, the whole pool for a large one. torch's
+        setting is process-wide, so it is put back at once: other models (the judge) keep theirs."""
+        if tokens >= self.limits.min_parallel_tokens or self._pool_threads == 1:
+            self._threads = self._pool_threads
+            yield
+            return
+        torch.set_num_threads(1)
+        self._threads = 1
+        try:
+            yield
+        finally:
+            torch.set_num_threads(self._pool_threads)
+
     def _execute(self, plan: list[_PlannedRow]) -> None:
         started = time.perf_counter()
         ids: list[int] = []
@@ -457,7 +523,7 @@ class StreamEngine:
                     query_idx.append(base + take - 1)
         layout = StepLayout([p.row for p in plan], self.device)
         token_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        with torch.inference_mode():
+        with torch.inference_mode(), self._threads_for(len(ids)):
             hidden = self.model.step(token_ids, layout, self.cache)
             resp = self._head_probs(self.model.response_head, hidden, response_idx)
             query = self._head_probs(self.model.query_head, hidden, query_idx)
@@ -465,22 +531,32 @@ class StreamEngine:
         self.steps += 1
         self.tokens_scored += len(ids)
         done = self._route(plan, resp, query, finished, len(plan))
+        settle(done)  # before the metrics hook: the streams wait for these, the metrics do not
         if self._on_step is not None:
             try:
-                self._on_step(StepStats(len(plan), len(ids), finished - started, self.cache.nbytes()))
+                self._on_step(StepStats(len(plan), len(ids), finished - started, self.cache.nbytes(), self._threads))
             except Exception:  # a metrics hook must never fail the streams
                 log.exception("event=on_step_failed")
-        self._resolve(done)
 
-    def _head_probs(self, head, hidden: torch.Tensor, index: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    def _head_probs(self, head, hidden: torch.Tensor, index: list[int]) -> tuple | None:
+        """For the rows ``index`` of the step, all rows at once: the probabilities (arrays), the
+        argmax labels and the argmax probability (lists: callers judge a few tokens at a time,
+        where list lookups beat numpy calls)."""
         if not index:
             return None
         logits = head(hidden[torch.tensor(index, device=hidden.device)])
-        risk = torch.softmax(logits.risk.float(), dim=-1).cpu().numpy()
-        category = torch.softmax(logits.category.float(), dim=-1).cpu().numpy()
-        return risk, category
+        risk = torch.softmax(logits.risk.float(), dim=-1)
+        category = torch.softmax(logits.category.float(), dim=-1)
+        chosen, risk_index = risk.max(dim=-1)
+        return (
+            risk.cpu().numpy(),
+            category.cpu().numpy(),
+            risk_index.tolist(),
+            category.argmax(dim=-1).tolist(),
+            chosen.tolist(),
+        )
 
-    def _route(self, plan, resp, query, finished: float, rows: int) -> list[tuple[Future, object]]:
+    def _route(self, plan, resp, query, finished: float, rows: int) -> list[Outcome]:
         """Hand each work item its rows of the step's outputs; return the futures to resolve."""
         done = []
         r = q = 0
@@ -490,19 +566,18 @@ class StreamEngine:
                 session.last_active = time.monotonic()
                 for work, offset, take in p.pieces:
                     if work.kind is WorkKind.RESPONSE:
-                        work.risk.append(resp[0][r : r + take])
-                        work.category.append(resp[1][r : r + take])
+                        work.parts.append(tuple(a[r : r + take] for a in resp))
                         r += take
                     complete = offset + take == len(work.ids)
                     if work.kind is WorkKind.PROMPT and complete:
                         value = PromptScores(query[0][q], query[1][q], len(work.ids), finished - work.started_at)
                         q += 1
                     elif work.kind is WorkKind.RESPONSE and complete:
+                        parts = work.parts[0] if len(work.parts) == 1 else _joined(work.parts)
                         value = ChunkScores(
                             tuple(work.ids),
                             work.first_index,
-                            np.concatenate(work.risk),
-                            np.concatenate(work.category),
+                            *parts,
                             work.started_at - work.enqueued_at,
                             finished - work.started_at,
                             rows,
@@ -515,5 +590,13 @@ class StreamEngine:
                         continue
                     session.queue.popleft()
                     self._queued -= 1
-                    done.append((work.future, value))
+                    done.append((work.future, value, None))
         return done
+
+
+def _joined(parts: list[tuple]) -> list:
+    """One chunk's outputs from the steps it was split over (chunked prefill), in order."""
+    return [
+        np.concatenate(a) if isinstance(a[0], np.ndarray) else list(itertools.chain.from_iterable(a))
+        for a in zip(*parts, strict=True)
+    ]

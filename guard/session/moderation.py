@@ -3,19 +3,30 @@
 This is the API the sidecar's services build on: open a stream with a conversation (or prompt
 ids), get the prompt verdict, feed response chunks as ids or text deltas, get per-token
 verdicts and the index at which the response is flagged.
+
+Two ways to drive a stream. Synchronous callers (the CLI, tests) use ``feed_*`` and get futures
+of finished :class:`ChunkVerdict` objects. The sidecar's event loop opens the stream with its
+loop, submits with ``submit_*`` (futures of the engine's scores, settled on the loop) and calls
+:meth:`ModeratedStream.judge` itself, in order: a whole chunk is judged at once (the engine
+computed the argmaxes for its whole batch; the policy is a lookup table, ``guard.policy.compiled``),
+and per-token verdict objects are only built when someone reads ``ChunkVerdict.tokens``.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
+from guard.delivery import AnyFuture
 from guard.errors import InvalidInput
 from guard.model.engine import ChunkScores, EngineSession, PromptScores, StreamEngine
-from guard.model.labels import RiskLevel
+from guard.model.labels import LabelSet, RiskLabels, RiskLevel
 from guard.policy.actions import Action
+from guard.policy.compiled import ACTION_CODE, ACTIONS, ChunkJudgement, CompiledRules
 from guard.policy.rules import Policy
 from guard.session.verdict import DebounceTracker, TokenVerdict, Verdict
 from guard.text.conversation import GuardTokenizer, Message, RenderedPrompt, parse_messages
@@ -31,27 +42,103 @@ class PromptVerdict:
     compute_s: float
 
 
+_REDACT, _INTERRUPT = ACTION_CODE[Action.REDACT], ACTION_CODE[Action.INTERRUPT]
+
+
 @dataclass(frozen=True)
 class ChunkVerdict:
-    tokens: tuple[TokenVerdict, ...]
+    """One chunk's verdicts, kept as the judgement's lists; ``tokens`` builds per-token objects
+    on demand (the hot path never does)."""
+
+    scores: ChunkScores
+    judgement: ChunkJudgement
     flag_index: int | None  # response index at which the debounce rule fired (this or an earlier chunk)
     span_start: int | None  # first token of the non-safe run that fired it
     newly_flagged: bool  # the rule fired inside this chunk
     unsafe_run: int  # non-safe tokens at the end of this chunk still pending the rule (snapshot)
-    queue_s: float
-    compute_s: float
+    action: Action  # INTERRUPT once the rule has fired; else REDACT, FLAG or CONTINUE by the tokens' actions
+    risk_labels: RiskLabels
+    categories: LabelSet
 
     @property
-    def action(self) -> Action:
-        """INTERRUPT once the rule has fired; else REDACT, FLAG or CONTINUE by the tokens' actions."""
-        if self.flag_index is not None:
-            return Action.INTERRUPT
-        actions = {t.action for t in self.tokens}
-        if Action.REDACT in actions:
-            return Action.REDACT
-        if Action.FLAG in actions or Action.INTERRUPT in actions:
-            return Action.FLAG
-        return Action.CONTINUE
+    def count(self) -> int:
+        return len(self.scores.token_ids)
+
+    @property
+    def first_index(self) -> int:
+        return self.scores.first_index
+
+    @property
+    def queue_s(self) -> float:
+        return self.scores.queue_s
+
+    @property
+    def compute_s(self) -> float:
+        return self.scores.compute_s
+
+    @property
+    def all_safe(self) -> bool:
+        return self.judgement.all_safe
+
+    def redacted(self) -> list[bool] | None:
+        """Per token: the policy redacts it; None when no token of the chunk is redacted."""
+        actions = self.judgement.action
+        if _REDACT not in actions:
+            return None
+        return [a == _REDACT for a in actions]
+
+    def category_at(self, i: int) -> str:
+        """The model's category of the chunk's i-th token, as ``Verdict.category`` has it ("" where
+        the model's own risk label is Safe)."""
+        s = self.scores
+        if self.risk_labels.levels[s.risk_index[i]] is RiskLevel.SAFE:
+            return ""
+        return self.categories.names[s.category_index[i]]
+
+    def verdict_counts(self) -> dict[tuple[RiskLevel, str], int]:
+        """Tokens per (effective level, model category): what the verdict metrics count."""
+        j = self.judgement
+        if j.all_safe and j.model_safe:
+            return {(RiskLevel.SAFE, ""): self.count} if self.count else {}
+        counts: dict[tuple[RiskLevel, str], int] = {}
+        for i, level in enumerate(j.level):
+            key = (RiskLevel(level), self.category_at(i))
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def first_with(self, action: Action) -> int | None:
+        """The chunk position of the first token with ``action``, if any."""
+        code = ACTION_CODE[action]
+        actions = self.judgement.action
+        return actions.index(code) if code in actions else None
+
+    @cached_property
+    def tokens(self) -> tuple[TokenVerdict, ...]:
+        """Per-token verdicts, built on first use."""
+        s, j = self.scores, self.judgement
+        verdicts = Verdict.many(self.risk_labels, self.categories, s.risk_probs, s.category_probs)
+        return tuple(
+            TokenVerdict(s.first_index + i, tid, verdict, RiskLevel(level), ACTIONS[action])
+            for i, (tid, verdict, level, action) in enumerate(
+                zip(s.token_ids, verdicts, j.level, j.action, strict=True)
+            )
+        )
+
+
+_FLAGGING = frozenset({Action.FLAG, Action.INTERRUPT})
+
+
+def chunk_action(flag_index: int | None, judgement: ChunkJudgement) -> Action:
+    """INTERRUPT once the rule has fired; else REDACT, FLAG or CONTINUE by the tokens' actions."""
+    if flag_index is not None:
+        return Action.INTERRUPT
+    codes = judgement.action[:1] if judgement.all_safe else set(judgement.action)
+    actions = {ACTIONS[c] for c in codes}
+    if Action.REDACT in actions:
+        return Action.REDACT
+    if actions & _FLAGGING:
+        return Action.FLAG
+    return Action.CONTINUE
 
 
 def _chain(source: Future, convert) -> Future:
@@ -83,19 +170,19 @@ def _chain(source: Future, convert) -> Future:
 class ModeratedStream:
     """One response under moderation. Feed ids or text, not both."""
 
-    def __init__(
-        self, moderator: StreamModerator, session: EngineSession, prompt: Future[PromptScores], policy: Policy
-    ) -> None:
+    def __init__(self, moderator: StreamModerator, session: EngineSession, prompt: AnyFuture, policy: Policy) -> None:
         self._moderator = moderator
         self._engine = moderator.engine
+        cfg = self._engine.config
         self.session = session
         self.policy = policy
+        self._rules = CompiledRules(policy, cfg.response_risk, cfg.response_categories)
         self._tracker = DebounceTracker(policy.debounce)
         self._text: IncrementalTokenizer | None = None
         self._fed_ids = False
         self.last_submitted_ids: list[int] = []  # ids of the latest feed (text: what the tokenizer released)
         self.flag_category: str | None = None  # category of the token at which the rule fired
-        self.prompt: Future[PromptVerdict] = _chain(prompt, self._judge_prompt)
+        self.prompt_scores = prompt  # the engine's future (of the stream's loop, when opened with one)
 
     @property
     def id(self) -> str:
@@ -105,18 +192,39 @@ class ModeratedStream:
     def flag_index(self) -> int | None:
         return self._tracker.flag_index
 
+    @cached_property
+    def prompt(self) -> Future[PromptVerdict]:
+        """The prompt verdict, for synchronous callers."""
+        return _chain(self.prompt_scores, self.judge_prompt)
+
+    # ------------------------------------------------------------------ synchronous callers
+
     def feed_ids(self, token_ids: Sequence[int]) -> Future[ChunkVerdict]:
+        return _chain(self.submit_ids(token_ids), self.judge)
+
+    def feed_text(self, delta: str) -> Future[ChunkVerdict]:
+        """Judge the stable part of the text so far; the unstable tail waits for more text."""
+        return _chain(self.submit_text(delta), self.judge)
+
+    def end_text(self) -> Future[ChunkVerdict]:
+        """The text stream is complete: judge the held-back tail."""
+        return _chain(self.submit_end(), self.judge)
+
+    # ------------------------------------------------------------------ submit, then judge in order
+
+    def submit_ids(self, token_ids: Sequence[int]) -> AnyFuture:
+        """Hand ids to the engine; the future gives their ChunkScores, for :meth:`judge`."""
         if self._text is not None:
             raise InvalidInput("this stream takes text deltas; do not mix text and token ids in one stream")
         self._fed_ids = True
         return self._submit(token_ids)
 
-    def feed_text(self, delta: str) -> Future[ChunkVerdict]:
-        """Judge the stable part of the text so far; the unstable tail waits for more text."""
+    def submit_text(self, delta: str) -> AnyFuture:
+        """Hand the stable part of the text so far to the engine (see :meth:`submit_ids`)."""
         return self._submit(self._text_stream().push(delta))
 
-    def end_text(self) -> Future[ChunkVerdict]:
-        """The text stream is complete: judge the held-back tail."""
+    def submit_end(self) -> AnyFuture:
+        """The text stream is complete: hand the held-back tail to the engine."""
         return self._submit(self._text_stream().finish())
 
     @property
@@ -150,34 +258,40 @@ class ModeratedStream:
             self._text = IncrementalTokenizer(self._moderator.tokenizer.hf)
         return self._text
 
-    def _submit(self, ids: Sequence[int]) -> Future[ChunkVerdict]:
-        future = _chain(self._engine.submit(self.session, ids), self._judge)
+    def _submit(self, ids: Sequence[int]) -> AnyFuture:
+        future = self._engine.submit(self.session, ids)
         self.last_submitted_ids = list(ids)
         return future
 
-    def _judge_prompt(self, scores: PromptScores) -> PromptVerdict:
+    def judge_prompt(self, scores: PromptScores) -> PromptVerdict:
         cfg = self._engine.config
         verdict = Verdict.from_probs(cfg.query_risk, cfg.query_categories, scores.risk_probs, scores.category_probs)
         level, action = self.policy.prompt_action(verdict, cfg.query_risk)
         return PromptVerdict(verdict, level, action, scores.prompt_tokens, scores.compute_s)
 
-    def _judge(self, scores: ChunkScores) -> ChunkVerdict:
-        """Runs in chunk order (one worker resolves a session's chunks FIFO)."""
+    def judge(self, scores: ChunkScores) -> ChunkVerdict:
+        """The chunk's verdicts. Call it once per chunk, in submission order: the debounce rule
+        carries its run of non-safe tokens from one chunk to the next."""
+        rules, tracker = self._rules, self._tracker
+        judgement = rules.judge(scores.risk_probs, scores.risk_index, scores.category_index)
+        at = None
+        if not judgement.all_safe or rules.safe_action is Action.INTERRUPT:
+            at = tracker.observe_chunk(scores.first_index, [a == _INTERRUPT for a in judgement.action])
+            if at is not None:
+                self.flag_category = self._engine.config.response_categories.names[scores.category_index[at]]
+        elif scores.token_ids:
+            tracker.run = 0  # the common all-safe chunk: the run of non-safe tokens is broken
         cfg = self._engine.config
-        policy = self.policy
-        tracker = self._tracker
-        fired = False
-        tokens = []
-        verdicts = Verdict.many(cfg.response_risk, cfg.response_categories, scores.risk_probs, scores.category_probs)
-        for i, (tid, verdict) in enumerate(zip(scores.token_ids, verdicts, strict=True)):
-            level, action = policy.response_action(verdict, cfg.response_risk)
-            index = scores.first_index + i
-            if tracker.observe(index, action is Action.INTERRUPT):
-                fired = True
-                self.flag_category = policy.category_of(verdict)
-            tokens.append(TokenVerdict(index, tid, verdict, level, action))
         return ChunkVerdict(
-            tuple(tokens), tracker.flag_index, tracker.span_start, fired, tracker.run, scores.queue_s, scores.compute_s
+            scores,
+            judgement,
+            tracker.flag_index,
+            tracker.span_start,
+            at is not None,
+            tracker.run,
+            chunk_action(tracker.flag_index, judgement),
+            cfg.response_risk,
+            cfg.response_categories,
         )
 
 
@@ -203,6 +317,7 @@ class StreamModerator:
         preamble_ids: Sequence[int] = (),
         policy: Policy | None = None,
         session_id: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> ModeratedStream:
         """Open with a conversation ending in a user turn, or with prompt ids ending in ``<|im_end|>``.
 
@@ -223,5 +338,7 @@ class StreamModerator:
                     f"(id {self.tokenizer.im_end_id}) that closes the last user turn"
                 )
             rendered = RenderedPrompt(ids, tuple(preamble_ids))
-        session, prompt = self.engine.open_session(rendered.prompt_ids, rendered.preamble_ids, session_id=session_id)
+        session, prompt = self.engine.open_session(
+            rendered.prompt_ids, rendered.preamble_ids, session_id=session_id, loop=loop
+        )
         return ModeratedStream(self, session, prompt, policy or Policy())

@@ -34,12 +34,17 @@ class IncrementalDetokenizer:
 
     def __init__(self, hf_tokenizer: Any) -> None:
         self._hf = hf_tokenizer
+        self._backend = getattr(hf_tokenizer, "backend_tokenizer", None)  # a fast tokenizer's Rust core
         self._ids: list[int] = []
         self._prefix = 0  # window start: context ids, already emitted
         self._read = 0  # ids before this are emitted
 
     def _decode(self, ids: list[int]) -> str:
-        return self._hf.decode(ids, clean_up_tokenization_spaces=False) if ids else ""
+        if not ids:
+            return ""
+        if self._backend is not None:  # the same decode, without the Python wrapper's overhead
+            return self._backend.decode(ids, skip_special_tokens=False)
+        return self._hf.decode(ids, clean_up_tokenization_spaces=False)
 
     def push(self, ids: list[int]) -> str:
         self._ids += ids
@@ -71,7 +76,9 @@ class ReleaseTracker:
         self._hidden = special_token_ids(hf_tokenizer)  # control tokens: released as ids, never as text
         self._marker = redact_marker
         self._ids: list[int] = []  # response ids in order (judged or received)
-        self._redact: list[bool] = []  # per judged token: replace it with the marker
+        self._marked = 0  # judged tokens whose redaction is known
+        self._redacted: set[int] = set()  # judged tokens replaced with the marker
+        self._last_redacted = -1
         self._in_redaction = False  # the last released token was redacted (one marker per span)
         self._span_start: int | None = None
         self.spans: list[tuple[int, int]] = []  # completed redaction spans, drained by the caller
@@ -97,10 +104,22 @@ class ReleaseTracker:
             return self._release_to(len(self._ids), text)
         return ""
 
+    def mark_chunk(self, count: int, redacted: list[bool] | None) -> None:
+        """The next ``count`` judged tokens; ``redacted[i]`` says whether the policy redacts the
+        i-th (None: none is)."""
+        if redacted is None and self._span_start is None:
+            self._marked += count  # the common chunk: nothing redacted, no span open
+            return
+        for redact in redacted if redacted is not None else [False] * count:
+            self.mark(redact)
+
     def mark(self, redact: bool) -> None:
         """The next judged token (in order): whether the policy redacts it."""
-        index = len(self._redact)
-        self._redact.append(redact)
+        index = self._marked
+        self._marked += 1
+        if redact:
+            self._redacted.add(index)
+            self._last_redacted = index
         if redact and self._span_start is None:
             self._span_start = index
         elif not redact and self._span_start is not None:
@@ -131,7 +150,7 @@ class ReleaseTracker:
     def finish(self, interrupted: bool) -> str:
         """End of stream: without an interrupt, an unfinished non-safe run is released too."""
         if self._span_start is not None:
-            self.spans.append((self._span_start, len(self._redact)))
+            self.spans.append((self._span_start, self._marked))
             self._span_start = None
         text = "" if interrupted else self._release_to(len(self._ids), None)
         tail = "" if interrupted and self.mode is ReleaseMode.HOLD_BACK else self._detok.flush()
@@ -146,10 +165,17 @@ class ReleaseTracker:
         if upto <= self.released:
             return ""
         start, self.released = self.released, upto
+        hidden = self._hidden
+        if self._last_redacted < start:  # nothing redacted in the range: one decode
+            self._in_redaction = False
+            shown = [i for i in self._ids[start:upto] if i not in hidden]
+            released = self._detok.push(shown) if shown else ""
+            self.released_chars += len(released)
+            return released
         out = []
         run: list[int] = []
         for index in range(start, upto):
-            redacted = index < len(self._redact) and self._redact[index]
+            redacted = index in self._redacted
             if redacted:
                 if run:
                     out.append(self._detok.push(run))
@@ -159,7 +185,7 @@ class ReleaseTracker:
                 self._in_redaction = True
             else:
                 self._in_redaction = False
-                if self._ids[index] not in self._hidden:
+                if self._ids[index] not in hidden:
                     run.append(self._ids[index])
         if run:
             out.append(self._detok.push(run))

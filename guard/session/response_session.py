@@ -13,18 +13,20 @@ into their own wire messages. The session owns, for one response:
   the engine's error, and the front end ends the stream with a status.
 
 Submitting and resolving are separate so a front end can pipeline: ``submit_*`` hands a chunk to
-the engine at once (synchronous, in arrival order), ``resolve`` awaits its verdict (in the same
-order) and says what to release.
+the engine at once (synchronous, in arrival order), ``resolve`` awaits its scores, judges them
+(in the same order; a whole chunk at once) and says what to release. Open the stream with the
+running loop (``StreamModerator.open(loop=...)``) so the engine settles its futures on the loop
+in one hand-off per step; a stream opened without one works too, through thread-safe futures.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
+from guard.delivery import AnyFuture
 from guard.errors import EngineStopped, ModelFailed
 from guard.policy.actions import Action
 from guard.policy.rules import FailMode, Policy
@@ -55,7 +57,7 @@ class PromptOutcome:
 class Pending:
     """One submitted chunk, waiting to be resolved (in submission order)."""
 
-    future: Future[ChunkVerdict] | None
+    future: AnyFuture | None  # the engine's ChunkScores
     arrived_text: str = ""  # released on arrival (OPTIMISTIC)
     unjudged_text: str | None = None  # fail open, text path: the delta goes out as it came
     failure: str = ""  # the model had already failed when it was submitted
@@ -67,7 +69,7 @@ class ChunkOutcome:
     """What one chunk's verdict means for the caller."""
 
     action: Action
-    tokens: tuple[TokenVerdict, ...]
+    verdict: ChunkVerdict | None  # the chunk's verdicts (None when nothing was judged: fail mode)
     released_text: str  # newly released text
     released_ids: tuple[int, ...]  # newly released token ids (the guard tokenizer's)
     released: int  # cumulative released tokens
@@ -85,6 +87,11 @@ class ChunkOutcome:
     @property
     def interrupted(self) -> bool:
         return self.action is Action.INTERRUPT
+
+    @property
+    def tokens(self) -> tuple[TokenVerdict, ...]:
+        """Per-token verdicts (built on first use; the hot path reads ``verdict``'s lists)."""
+        return self.verdict.tokens if self.verdict is not None else ()
 
 
 @dataclass(frozen=True)
@@ -170,7 +177,7 @@ class ResponseSession:
 
     async def judge_prompt(self) -> PromptOutcome:
         try:
-            verdict = await self._await(self.stream.prompt)
+            verdict = self.stream.judge_prompt(await self._await(self.stream.prompt_scores))
         except _ModelFailure as failure:
             closed = self.policy.fail_mode is FailMode.CLOSED
             reason = f"{failure}; fail {self.policy.fail_mode.value}"
@@ -185,31 +192,35 @@ class ResponseSession:
     # ------------------------------------------------------------------ submit (arrival order)
 
     def submit_ids(self, token_ids: Sequence[int]) -> Pending:
+        if self._state.interrupted:  # stopped: what still arrives is dropped, never judged
+            return Pending(None)
         ids = list(token_ids)
         if self._state.degraded:
             return Pending(None, arrived_text=self.release.receive(ids))
         try:
-            future = self.stream.feed_ids(ids)
+            future = self.stream.submit_ids(ids)
         except (ModelFailed, EngineStopped) as exc:
             failure = self._failure_of(exc)
             return Pending(None, arrived_text=self.release.receive(ids), failure=failure)
         return Pending(future, arrived_text=self.release.receive(ids))
 
     def submit_text(self, text: str) -> Pending:
+        if self._state.interrupted:
+            return Pending(None)
         if self._state.degraded:
             return Pending(None, unjudged_text=text)
         try:
-            future = self.stream.feed_text(text)
+            future = self.stream.submit_text(text)
         except (ModelFailed, EngineStopped) as exc:
             return Pending(None, unjudged_text=text, failure=self._failure_of(exc))
         return Pending(future, arrived_text=self.release.receive(self.stream.last_submitted_ids, text))
 
     def submit_end(self) -> Pending:
         """The response is complete: a text stream's held-back tail is judged (ids: nothing to do)."""
-        if self._state.degraded or not self.stream.text_mode:
+        if self._state.interrupted or self._state.degraded or not self.stream.text_mode:
             return Pending(None, end=True)
         try:
-            future = self.stream.end_text()
+            future = self.stream.submit_end()
         except (ModelFailed, EngineStopped) as exc:
             return Pending(None, failure=self._failure_of(exc), end=True)
         self.release.receive(self.stream.last_submitted_ids, "")
@@ -235,16 +246,20 @@ class ResponseSession:
         if pending.future is None or self._state.degraded:
             return self._unjudged(pending, "")
         try:
-            chunk = await self._await(pending.future)
+            scores = await self._await(pending.future)
         except _ModelFailure as failure:
             return self._model_failed(str(failure), pending)
-        return self._judged(chunk, pending)
+        return self._judged(self.stream.judge(scores), pending)
 
-    async def _await(self, future: Future) -> Any:
+    async def _await(self, future: AnyFuture) -> Any:
         """The engine's answer within the policy's timeout; _ModelFailure when the model failed."""
         timeout = self.policy.model_timeout_ms / 1000
+        if not isinstance(future, asyncio.Future):
+            future = asyncio.wrap_future(future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            if future.done():  # pipelined chunks are often judged before they are awaited: no timer
+                return future.result()
+            return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             raise _ModelFailure(f"the guard model did not answer within {self.policy.model_timeout_ms} ms") from None
         except ModelFailed as exc:
@@ -256,10 +271,9 @@ class ResponseSession:
 
     def _judged(self, chunk: ChunkVerdict, pending: Pending) -> ChunkOutcome:
         state, release = self._state, self.release
-        if chunk.tokens:
-            state.judged = chunk.tokens[-1].index + 1
-        for t in chunk.tokens:
-            release.mark(t.action is Action.REDACT)
+        if chunk.count:
+            state.judged = chunk.first_index + chunk.count
+        release.mark_chunk(chunk.count, chunk.redacted())
         action = chunk.action
         text = pending.arrived_text + release.judged(state.judged, chunk.unsafe_run, chunk.span_start)
         if action is Action.INTERRUPT:
@@ -267,7 +281,7 @@ class ResponseSession:
             text += release.finish(interrupted=True)
         return ChunkOutcome(
             action=action,
-            tokens=chunk.tokens,
+            verdict=chunk,
             released_text=text,
             released_ids=self._new_ids(),
             released=release.released,
@@ -288,7 +302,7 @@ class ResponseSession:
             self._state.interrupted = True
             return ChunkOutcome(
                 action=Action.INTERRUPT,
-                tokens=(),
+                verdict=None,
                 released_text=pending.arrived_text,
                 released_ids=self._new_ids(),
                 released=self.release.released,
@@ -310,7 +324,7 @@ class ResponseSession:
             text += release.release_received()
         return ChunkOutcome(
             action=Action.CONTINUE,
-            tokens=(),
+            verdict=None,
             released_text=text,
             released_ids=self._new_ids(),
             released=release.released,

@@ -110,3 +110,16 @@ class DebounceTracker:
             self.span_start = index - self.run + 1
             return True
         return False
+
+    def observe_chunk(self, first_index: int, unsafe: list[bool]) -> int | None:
+        """Feed a chunk's tokens at once (``unsafe[i]``: token ``first_index + i`` counts toward
+        the rule); the position in the chunk where the rule fires, if it fires in this chunk."""
+        if not any(unsafe):
+            if unsafe:
+                self.run = 0  # the common chunk: nothing counts, the run is broken
+            return None
+        fired = None
+        for i, counts in enumerate(unsafe):
+            if self.observe(first_index + i, counts):
+                fired = i
+        return fired

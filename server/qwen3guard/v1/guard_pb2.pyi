@@ -36,6 +36,13 @@ class ControversialMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STRICT: _ClassVar[ControversialMode]
     LOOSE: _ClassVar[ControversialMode]
 
+class TokenDetail(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_DETAIL_UNSPECIFIED: _ClassVar[TokenDetail]
+    ALL_TOKENS: _ClassVar[TokenDetail]
+    NOT_SAFE_TOKENS: _ClassVar[TokenDetail]
+    NO_TOKENS: _ClassVar[TokenDetail]
+
 class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     STAGE_UNSPECIFIED: _ClassVar[Stage]
@@ -58,6 +65,10 @@ OPTIMISTIC: ReleaseMode
 CONTROVERSIAL_MODE_UNSPECIFIED: ControversialMode
 STRICT: ControversialMode
 LOOSE: ControversialMode
+TOKEN_DETAIL_UNSPECIFIED: TokenDetail
+ALL_TOKENS: TokenDetail
+NOT_SAFE_TOKENS: TokenDetail
+NO_TOKENS: TokenDetail
 STAGE_UNSPECIFIED: Stage
 PROMPT: Stage
 RESPONSE: Stage
@@ -71,7 +82,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("request_id", "domain", "messages", "prompt_token_ids", "release_mode", "controversial", "debounce", "include_probabilities")
+    __slots__ = ("request_id", "domain", "messages", "prompt_token_ids", "release_mode", "controversial", "debounce", "include_probabilities", "token_detail")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +91,7 @@ class OpenRequest(_message.Message):
     CONTROVERSIAL_FIELD_NUMBER: _ClassVar[int]
     DEBOUNCE_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DETAIL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     domain: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
@@ -88,7 +100,8 @@ class OpenRequest(_message.Message):
     controversial: ControversialMode
     debounce: int
     include_probabilities: bool
-    def __init__(self, request_id: _Optional[str] = ..., domain: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., release_mode: _Optional[_Union[ReleaseMode, str]] = ..., controversial: _Optional[_Union[ControversialMode, str]] = ..., debounce: _Optional[int] = ..., include_probabilities: _Optional[bool] = ...) -> None: ...
+    token_detail: TokenDetail
+    def __init__(self, request_id: _Optional[str] = ..., domain: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., release_mode: _Optional[_Union[ReleaseMode, str]] = ..., controversial: _Optional[_Union[ControversialMode, str]] = ..., debounce: _Optional[int] = ..., include_probabilities: _Optional[bool] = ..., token_detail: _Optional[_Union[TokenDetail, str]] = ...) -> None: ...
 
 class ChunkRequest(_message.Message):
     __slots__ = ("token_ids", "text")
@@ -486,20 +499,22 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_tokens: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "domain", "messages", "prompt_token_ids", "sampling", "release_mode")
+    __slots__ = ("request_id", "domain", "messages", "prompt_token_ids", "sampling", "release_mode", "token_detail")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     DOMAIN_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RELEASE_MODE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_DETAIL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     domain: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: SamplingParams
     release_mode: ReleaseMode
-    def __init__(self, request_id: _Optional[str] = ..., domain: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., release_mode: _Optional[_Union[ReleaseMode, str]] = ...) -> None: ...
+    token_detail: TokenDetail
+    def __init__(self, request_id: _Optional[str] = ..., domain: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., release_mode: _Optional[_Union[ReleaseMode, str]] = ..., token_detail: _Optional[_Union[TokenDetail, str]] = ...) -> None: ...
 
 class GenerationStart(_message.Message):
     __slots__ = ("prompt", "upstream", "input_path", "upstream_request_id")
