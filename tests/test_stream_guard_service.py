@@ -144,20 +144,27 @@ async def test_unknown_token_detail_is_invalid_argument(sidecar):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "token_detail" in error.details()
 
 
+async def interrupted_stream(channel: grpc.aio.Channel, ids: list[int], in_flight: int = 0):
+    """A Moderate call whose first chunk interrupts, ``in_flight`` more chunks written before the
+    caller reads the interrupt and `final` (asserted); the call, for what the test does next."""
+    call = pb_grpc.StreamGuardStub(channel).Moderate()
+    await call.write(open_request(messages=user(UNSAFE.prompt)))
+    await call.read()
+    await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids)))
+    for _ in range(in_flight):
+        await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids[:4])))
+    assert (await call.read()).chunk.action == pb.INTERRUPT
+    assert (await call.read()).WhichOneof("kind") == "final"
+    return call
+
+
 async def test_chunks_in_flight_after_an_interrupt_are_dropped_and_the_stream_ends_ok(sidecar, guard_tokenizer):
     """A pipelining caller still writing after the interrupt: its writes succeed, nothing more is
     judged or answered, and the stream ends OK when it half-closes (gRPC would otherwise fail
     its next write with INTERNAL and lose the interrupt and `final` it had not read yet)."""
     ids = guard_tokenizer.encode(UNSAFE.response)
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        call = pb_grpc.StreamGuardStub(channel).Moderate()
-        await call.write(open_request(messages=user(UNSAFE.prompt)))
-        await call.read()
-        await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids)))
-        for _ in range(5):  # in flight: written before the caller reads the interrupt
-            await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids[:4])))
-        assert (await call.read()).chunk.action == pb.INTERRUPT
-        assert (await call.read()).WhichOneof("kind") == "final"
+        call = await interrupted_stream(channel, ids, in_flight=5)
         await call.done_writing()
         assert await call.read() is grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
@@ -177,12 +184,7 @@ async def test_a_caller_that_never_half_closes_after_an_interrupt_is_ended(sidec
     monkeypatch.setattr(server.stream_guard, "DRAIN_AFTER_STOP_S", 0.5)
     ids = guard_tokenizer.encode(UNSAFE.response)
     async with grpc.aio.insecure_channel(sidecar.address) as channel:
-        call = pb_grpc.StreamGuardStub(channel).Moderate()
-        await call.write(open_request(messages=user(UNSAFE.prompt)))
-        await call.read()
-        await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(token_ids=ids)))
-        assert (await call.read()).chunk.action == pb.INTERRUPT
-        assert (await call.read()).WhichOneof("kind") == "final"
+        call = await interrupted_stream(channel, ids)
         assert await asyncio.wait_for(call.read(), 30) is grpc.aio.EOF  # the sidecar ended it
         assert await call.code() == grpc.StatusCode.OK
 

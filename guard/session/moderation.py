@@ -272,16 +272,12 @@ class ModeratedStream:
     def judge(self, scores: ChunkScores) -> ChunkVerdict:
         """The chunk's verdicts. Call it once per chunk, in submission order: the debounce rule
         carries its run of non-safe tokens from one chunk to the next."""
-        rules, tracker = self._rules, self._tracker
-        judgement = rules.judge(scores.risk_probs, scores.risk_index, scores.category_index)
-        at = None
-        if not judgement.all_safe or rules.safe_action is Action.INTERRUPT:
-            at = tracker.observe_chunk(scores.first_index, [a == _INTERRUPT for a in judgement.action])
-            if at is not None:
-                self.flag_category = self._engine.config.response_categories.names[scores.category_index[at]]
-        elif scores.token_ids:
-            tracker.run = 0  # the common all-safe chunk: the run of non-safe tokens is broken
+        tracker = self._tracker
+        judgement = self._rules.judge(scores.risk_probs, scores.risk_index, scores.category_index)
         cfg = self._engine.config
+        at = tracker.observe_chunk(scores.first_index, [a == _INTERRUPT for a in judgement.action])
+        if at is not None:
+            self.flag_category = cfg.response_categories.names[scores.category_index[at]]
         return ChunkVerdict(
             scores,
             judgement,
