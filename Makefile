@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b bench-service profile-service load-test deploy-policies deploy-render clean
+.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,9 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-## Run the sidecar (gRPC :50051, metrics :9464) with the built-in demo model; Ctrl-C drains and stops.
+## Run the sidecar (gRPC :50051, metrics :9464) with the built-in demo models; Ctrl-C drains and stops.
 serve: install
-	$(BIN)/guard serve --model demo
+	$(BIN)/guard serve --model demo --embedder demo --reranker demo
 
 ## Build the demo model (cached) and moderate the showcase conversations.
 demo: install
@@ -58,6 +58,10 @@ bench-0.6b: install
 bench-service: install
 	$(BIN)/python benchmarks/service_bench.py --streams 1,16,64 --chunks 1,8,32 --repeat 3 \
 	  --json benchmarks/results/service-demo-cpu.json
+
+## Embedder and Reranker: model vs batch size, 32 concurrent gRPC callers vs serial calls, padding.
+bench-retrieval: install
+	$(BIN)/python benchmarks/retrieval_bench.py --json benchmarks/results/retrieval-demo-cpu.json
 
 ## Where the sidecar's time goes at 16 streams x 8 tokens (py-spy, from the bench extra).
 profile-service: install

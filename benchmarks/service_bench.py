@@ -16,7 +16,8 @@ repetition of a level: engine, floor, sidecar), so a ratio's three numbers are m
 apart on a machine whose speed drifts over minutes. Requests are built before the clock starts.
 tokens/s counts the tokens judged between the moment all N streams are open and the last
 verdict (open and close are not timed; the engine levels are timed the same way). The engine
-runs with every forward pass on all torch threads: its fastest configuration alone. ``--repeat``
+runs with the sidecar's limits twice, its thread setting (small passes on one torch thread) and
+all torch threads for every pass, and the faster is its figure: the engine at its best. ``--repeat``
 runs each level that many times and reports the median run. ``serial bound`` = 1 / (1/engine + 1/floor) is what
 a sidecar reaches if its transport and model work add up with no overlap; ``sidecar / bound``
 shows how far the real thing is from that. Any gRPC error, interrupt, unjudged token or session
@@ -178,13 +179,28 @@ def engine_level(engine, work: Workload, streams: int, chunk: int, tokens: int |
 
 
 def engine_runtime(args):
-    """A runtime built like the sidecar's (same engine limits), except that every forward pass
-    uses all torch threads: the engine alone is fastest that way, and the bound must be the
-    engine at its best."""
+    """A runtime built like the sidecar's (same engine limits); ``best_engine_level`` also runs it
+    with every pass on all torch threads and keeps the faster run."""
     limits = ServeSettings(max_sessions=max_sessions(args)).engine_limits()
-    if hasattr(limits, "min_parallel_tokens"):  # absent in commits before it (before/after runs)
-        limits = replace(limits, min_parallel_tokens=0)
     return load_runtime(args.model, device=args.device, dtype=args.dtype, limits=limits)
+
+
+def best_engine_level(engine, work: Workload, streams: int, chunk: int) -> dict:
+    """The engine at its best: the sidecar's thread setting (small passes on one torch thread)
+    and all torch threads for every pass, back to back; the faster run is the engine's figure,
+    so the bound is never lowered by a setting that suits the sidecar but not the engine alone."""
+    served = engine.limits
+    runs = {}
+    try:
+        for name, min_parallel in (("served", served.min_parallel_tokens), ("all-threads", 0)):
+            engine.limits = replace(served, min_parallel_tokens=min_parallel)
+            runs[name] = engine_level(engine, work, streams, chunk)
+    finally:
+        engine.limits = served
+    name, best = max(runs.items(), key=lambda kv: kv[1]["tokens_per_s"])
+    best["threads_setting"] = name
+    best["other_setting_tokens_per_s"] = next(r["tokens_per_s"] for n, r in runs.items() if n != name)
+    return best
 
 
 # ---------------------------------------------------------------------------------- over gRPC
@@ -325,7 +341,7 @@ class Target:
 
     async def level(self, work: Workload, streams: int, chunk: int, domain: str) -> dict:
         if self.engine is not None:
-            return engine_level(self.engine, work, streams, chunk)
+            return best_engine_level(self.engine, work, streams, chunk)
         before = step_counts(self.metrics_port)
         run = await grpc_level(self.kind, self.address, work, streams, chunk, domain)
         if before is not None:

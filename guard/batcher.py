@@ -1,16 +1,19 @@
 """One dynamic batcher for every model that serves independent requests in batches (the local
-judge now; embedding, reranking and ParScale engines next).
+judge, the embedder and the reranker; ParScale next).
 
 Callers on any thread ``submit`` an item and get a ``concurrent.futures.Future`` (async callers
 ``await asyncio.wrap_future(...)``). One worker thread, so the model work stays off the event loop,
-takes what is queued once the oldest item has waited ``wait_ms`` or ``max_batch`` items are there,
-optionally splits the batch into homogeneous groups (``group_by``), and calls ``run(items)`` once
-per group. ``run`` returns one result per item, in order; an ``Exception`` in its place fails only
-that item, and an exception raised by ``run`` fails only that group.
+takes what is queued once the oldest item has waited ``wait_ms`` or ``max_batch`` items are there
+(or, with ``cost``, once the queued items' cost reaches ``max_cost``: e.g. a token budget, which
+also bounds each batch), optionally splits the batch into homogeneous groups (``group_by``), and
+calls ``run(items)`` once per group. ``run`` returns one result per item, in order; an
+``Exception`` in its place fails only that item, and an exception raised by ``run`` fails only
+that group.
 
 Guarantees:
 - the queue is bounded: ``submit`` raises ``LimitExceeded`` naming ``max_queue`` when it is full;
-- a future cancelled before its batch starts is dropped and never computed; once a batch starts,
+- a future cancelled before its batch starts leaves the queue at once (no place in the queue, a
+  batch or the cost budget) and is never computed; once a batch starts,
   its futures are running and can no longer be cancelled (a caller that stops waiting, e.g.
   ``asyncio.wait_for`` timing out, only cancels its own wrapper), so delivering never fails;
 - the worker never dies of a request: every failure lands in the futures it concerns;
@@ -50,11 +53,12 @@ class Batched(Generic[R]):
     batch_size: int  # items computed together with this one (its group)
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity (removal from the queue)
 class _Entry(Generic[T, R]):
     item: T
     future: Future[Batched[R]]
     enqueued: float
+    cost: int = 0
 
 
 class Batcher(Generic[T, R]):
@@ -67,14 +71,20 @@ class Batcher(Generic[T, R]):
         wait_ms: float = 5.0,
         max_queue: int = 1024,
         group_by: Callable[[T], Hashable] | None = None,
+        cost: Callable[[T], int] | None = None,
+        max_cost: int | None = None,
     ) -> None:
-        if max_batch < 1 or max_queue < 1 or wait_ms < 0:
+        if max_batch < 1 or max_queue < 1 or wait_ms < 0 or (max_cost is not None and max_cost < 1):
             raise ValueError(
-                f"{name} batcher: max_batch and max_queue must be >= 1 and wait_ms >= 0, "
-                f"got max_batch={max_batch} max_queue={max_queue} wait_ms={wait_ms}"
+                f"{name} batcher: max_batch, max_queue and max_cost must be >= 1 and wait_ms >= 0, "
+                f"got max_batch={max_batch} max_queue={max_queue} max_cost={max_cost} wait_ms={wait_ms}"
             )
+        if (cost is None) != (max_cost is None):
+            raise ValueError(f"{name} batcher: `cost` and `max_cost` go together")
         self.name, self.max_batch, self.wait_s, self.max_queue = name, max_batch, wait_ms / 1000, max_queue
-        self._run, self._group_by = run, group_by
+        self.max_cost = max_cost
+        self._run, self._group_by, self._cost = run, group_by, cost
+        self._queued_cost = 0
         self._pending: deque[_Entry[T, R]] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -87,16 +97,27 @@ class Batcher(Generic[T, R]):
         with self._cond:
             if self._closed:
                 raise EngineStopped(f"the {self.name} batcher is closed (shutting down); no new requests are taken")
-            if len(self._pending) >= self.max_queue:  # withdrawn requests do not hold places
-                self._pending = deque(e for e in self._pending if not e.future.cancelled())
             if len(self._pending) >= self.max_queue:
                 raise LimitExceeded(
                     f"the {self.name} queue is full: {self.max_queue} requests waiting (max_queue={self.max_queue}); "
                     "retry later or raise the limit"
                 )
-            self._pending.append(_Entry(item, future, time.perf_counter()))
+            entry = _Entry(item, future, time.perf_counter(), self._cost(item) if self._cost else 0)
+            self._pending.append(entry)
+            self._queued_cost += entry.cost
             self._cond.notify()
+        future.add_done_callback(lambda f: self._withdraw(entry) if f.cancelled() else None)
         return future
+
+    def _withdraw(self, entry: _Entry[T, R]) -> None:
+        """A request cancelled while queued leaves the queue at once: it holds no place in the
+        queue, in a batch or in the cost budget."""
+        with self._cond:
+            try:
+                self._pending.remove(entry)
+            except ValueError:  # already taken by the worker (it skips cancelled entries)
+                return
+            self._queued_cost -= entry.cost
 
     def close(self, timeout: float = 10.0) -> None:
         """Fail what is queued, let the running batch finish, join the worker. Idempotent."""
@@ -104,6 +125,7 @@ class Batcher(Generic[T, R]):
             self._closed = True
             dropped = list(self._pending)
             self._pending.clear()
+            self._queued_cost = 0
             self._cond.notify_all()
         closed = EngineStopped(f"the {self.name} batcher closed (shutting down) before this request ran")
         for entry in dropped:
@@ -117,8 +139,9 @@ class Batcher(Generic[T, R]):
     # ------------------------------------------------------------------ worker
 
     def _take(self) -> list[_Entry[T, R]] | None:
-        """The next batch: wait for a first item, then until it is ``wait_s`` old or the batch is
-        full. None once closed."""
+        """The next batch: wait for a first item, then until it is ``wait_s`` old, the batch is
+        full or the queued cost reaches ``max_cost``. None once closed. A batch never exceeds
+        ``max_cost`` except for a single item that alone costs more (it runs alone)."""
         with self._cond:
             while True:
                 if self._closed:
@@ -127,9 +150,22 @@ class Batcher(Generic[T, R]):
                     self._cond.wait()
                     continue
                 left = self._pending[0].enqueued + self.wait_s - time.perf_counter()
-                if len(self._pending) >= self.max_batch or left <= 0:
-                    return [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+                full = self.max_cost is not None and self._queued_cost >= self.max_cost
+                if len(self._pending) >= self.max_batch or full or left <= 0:
+                    return self._pop_batch()
                 self._cond.wait(left)
+
+    def _pop_batch(self) -> list[_Entry[T, R]]:
+        batch = [self._pending.popleft()]
+        spent = batch[0].cost
+        while self._pending and len(batch) < self.max_batch:
+            nxt = self._pending[0]
+            if self.max_cost is not None and spent + nxt.cost > self.max_cost:
+                break
+            batch.append(self._pending.popleft())
+            spent += nxt.cost
+        self._queued_cost -= spent
+        return batch
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:

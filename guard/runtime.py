@@ -38,6 +38,19 @@ def resolve_model(spec: str) -> Path:
     return path
 
 
+def resolve_retrieval_model(spec: str, kind: str) -> Path:
+    """``demo`` -> the cached demo embedder or reranker (``kind``), trained on first use; anything
+    else is a checkpoint directory."""
+    if spec == "demo":
+        from guard.demo import retrieval_models
+
+        return retrieval_models.demo_embedder_dir() if kind == "embedder" else retrieval_models.demo_reranker_dir()
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{kind} model {spec!r} is neither 'demo' nor a checkpoint directory")
+    return path
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return DTYPES[name.lower()]

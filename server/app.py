@@ -119,7 +119,12 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     A service that fails to build or load stops it too (ServiceLoadError names the service).
     """
     metrics = Metrics()
-    policies = PolicyStore(settings.policy_dir(), settings.default_domain, on_change=metrics.on_policy_change)
+    policies = PolicyStore(
+        settings.policy_dir(),
+        settings.default_domain,
+        on_change=metrics.on_policy_change,
+        topics_available=bool(settings.embedder),
+    )
     metrics.on_policy_change(policies)
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(metrics), WireErrorsInterceptor()],

@@ -1,6 +1,7 @@
 """Regenerate the Python gRPC code from proto/ (``python -m server.codegen``; ``make proto``).
 
-Generated modules live in ``server/qwen3guard/v1/``. protoc writes absolute imports
+Generated modules live in ``server/qwen3guard/`` (``v1/`` for the guard, ``embedding/v1/`` and
+``rerank/v1/`` for the retrieval services). protoc writes absolute imports
 (``from qwen3guard.v1 import ...``); they are rewritten to ``server.qwen3guard.v1`` so the code
 imports as part of this package. A test regenerates into a temporary folder and fails when the
 committed files are stale.
@@ -17,7 +18,11 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "proto"
-PROTO_FILES = ("qwen3guard/v1/guard.proto",)
+PROTO_FILES = (
+    "qwen3guard/v1/guard.proto",
+    "qwen3guard/embedding/v1/embedding.proto",
+    "qwen3guard/rerank/v1/rerank.proto",
+)
 PACKAGE_PREFIX = "server."
 
 

@@ -29,7 +29,7 @@ from guard.session.response_session import ChunkOutcome, FinalOutcome, ResponseS
 from guard.text.conversation import RenderedPrompt, parse_messages
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
-from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode
+from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode, topic_text
 from server.upstream import Sampling, Upstream, UpstreamError, UpstreamPrompt
 from server.wire import Unavailable, check_token_detail, error_status, fill_chunk
 
@@ -96,7 +96,8 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                 draining=lambda: self.guard.holder.draining,
             )
             request_id = request_id or uuid.uuid4().hex
-            prompt = await session.judge_prompt()
+            text = lambda: topic_text(runtime, request.messages, request.prompt_token_ids)  # noqa: E731
+            prompt = await session.judge_prompt(self.guard.topic_check(policy, text))
             self.guard.record_prompt(policy, prompt)
             prompt_msg = prompt_pb(prompt, policy)
             yield pb.GenerateResponse(

@@ -93,6 +93,60 @@ class Metrics:
             "guard_stream_errors_total", "Streams ended by an error, by gRPC code.", ("code",), registry=r
         )
 
+        self.topic_matches = Counter(
+            "guard_topic_matches_total",
+            "Prompts that fell under a policy topic (the Embedder), by domain, topic and action.",
+            ("domain", "topic", "action"),
+            registry=r,
+        )
+        # The retrieval services (Embedder, Reranker): `service` is one of those two names.
+        self.retrieval_inputs = Counter(
+            "guard_retrieval_inputs_total", "Inputs embedded or documents scored.", ("service",), registry=r
+        )
+        self.retrieval_tokens = Counter(
+            "guard_retrieval_tokens_total", "Tokens the retrieval models read.", ("service",), registry=r
+        )
+        self.retrieval_padded_tokens = Counter(
+            "guard_retrieval_padded_tokens_total",
+            "Positions computed, padding included (padding waste = padded - tokens).",
+            ("service",),
+            registry=r,
+        )
+        self.retrieval_forward_seconds = Histogram(
+            "guard_retrieval_forward_seconds",
+            "One batched forward of a retrieval model.",
+            ("service",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retrieval_batch_sequences = Histogram(
+            "guard_retrieval_batch_sequences",
+            "Sequences computed together.",
+            ("service",),
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.retrieval_queue_seconds = Histogram(
+            "guard_retrieval_queue_seconds",
+            "Request received to its last batch started.",
+            ("service",),
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def on_retrieval_batch(self, service: str) -> Callable[[Any, float], None]:
+        """A retrieval model's per-forward hook (called on its batcher's thread)."""
+        padded = self.retrieval_padded_tokens.labels(service)
+        seconds = self.retrieval_forward_seconds.labels(service)
+        sequences = self.retrieval_batch_sequences.labels(service)
+
+        def observe(stats: Any, elapsed: float) -> None:
+            padded.inc(stats.padded_tokens)
+            seconds.observe(elapsed)
+            sequences.observe(stats.sequences)
+
+        return observe
+
     def verdict_counter(self, stage: str, risk: str, category: str) -> Counter:
         """The verdicts counter's child for these labels, looked up once (``labels()`` is not free
         and runs for every chunk)."""

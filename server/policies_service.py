@@ -8,12 +8,14 @@ import math
 import grpc
 import yaml
 
-from guard.errors import InvalidInput
+from guard.errors import EngineError, InvalidInput
 from guard.model.labels import RiskLevel
+from guard.policy.actions import PROMPT_ACTIONS
 from guard.policy.loader import PolicyStore
+from guard.policy.topics import TopicMatcher
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
-from server.wire import ACTION, RISK
+from server.wire import ACTION, RISK, status_of
 
 LEVEL_OF = {pb.SAFE: RiskLevel.SAFE, pb.CONTROVERSIAL: RiskLevel.CONTROVERSIAL, pb.UNSAFE: RiskLevel.UNSAFE}
 STAGE_OF = {pb.PROMPT: "prompt", pb.RESPONSE: "response"}
@@ -21,8 +23,9 @@ PROB_KEYS = {"safe": RiskLevel.SAFE, "unsafe": RiskLevel.UNSAFE, "controversial"
 
 
 class PoliciesService(pb_grpc.PoliciesServicer):
-    def __init__(self, store: PolicyStore) -> None:
+    def __init__(self, store: PolicyStore, topics: TopicMatcher | None = None) -> None:
         self.store = store
+        self.topics = topics  # the Embedder's topic matcher, for prompts evaluated with `text`
 
     def _summary(self, domain: str) -> pb.PolicySummary:
         policy = self.store.policies[domain]
@@ -70,9 +73,17 @@ class PoliciesService(pb_grpc.PoliciesServicer):
         except InvalidInput as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         level, action = policy.decide(STAGE_OF[request.stage], LEVEL_OF[request.risk], request.category or None, probs)
-        return pb.EvaluateResponse(
-            action=ACTION[action], effective_risk=RISK[level.name], policy_version=policy.version
-        )
+        out = pb.EvaluateResponse(action=ACTION[action], effective_risk=RISK[level.name], policy_version=policy.version)
+        if request.text and request.stage == pb.PROMPT and policy.topics and self.topics is not None:
+            try:
+                match = await self.topics.match(policy, request.text)
+            except EngineError as exc:
+                await context.abort(status_of(exc), f"the topic check (Embedder) failed: {exc}")
+            if match is not None:
+                out.topic, out.topic_similarity = match.topic.name, match.similarity
+                if PROMPT_ACTIONS.index(match.action) > PROMPT_ACTIONS.index(action):
+                    out.action = ACTION[match.action]
+        return out
 
     async def Reload(self, request, context) -> pb.ReloadResponse:
         result = await asyncio.to_thread(self.store.reload)

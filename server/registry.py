@@ -51,6 +51,7 @@ class HostedService:
     load: Callable[[], Awaitable[None]] | None = None  # e.g. load a model (off the event loop)
     close: Callable[[], Awaitable[None]] | None = None  # drain step, after the server stopped
     state: Any = None  # the service's own object, for services that build on it (by spec name)
+    extras: dict[str, Any] = field(default_factory=dict)  # shared objects other services derive from it
     # False: served (calls get a clear UNAVAILABLE) but its health name stays NOT_SERVING, e.g.
     # GuardedGeneration without an upstream, so a readiness probe on it does not pass.
     available: bool = True

@@ -1,7 +1,8 @@
 """The built-in services, each registered like a plug-in (see server/registry.py).
 
-Order matters only where one service builds on another: GuardedGeneration drives the stream
-sessions of StreamGuard (its runtime, policies and metrics), so StreamGuard comes first.
+Order matters only where one service builds on another: the Embedder comes first (the policies'
+topics use it from StreamGuard, GuardedGeneration and Policies), and GuardedGeneration drives the
+stream sessions of StreamGuard (its runtime, policies and metrics), so StreamGuard precedes it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from server.qwen3guard.embedding.v1 import embedding_pb2
+from server.qwen3guard.rerank.v1 import rerank_pb2
 from server.qwen3guard.v1 import guard_pb2, guard_pb2_grpc
 from server.registry import HostedService, ServiceContext, ServiceSpec
 from server.settings import ServeSettings
@@ -17,7 +20,23 @@ log = logging.getLogger(__name__)
 
 
 def _full_name(service: str) -> str:
-    return guard_pb2.DESCRIPTOR.services_by_name[service].full_name
+    """The full proto name of a built-in service (its health and reflection name)."""
+    for proto in (guard_pb2, embedding_pb2, rerank_pb2):
+        if service in proto.DESCRIPTOR.services_by_name:
+            return proto.DESCRIPTOR.services_by_name[service].full_name
+    raise KeyError(f"no proto declares a service {service!r}")
+
+
+def _topic_matcher(ctx: ServiceContext):
+    """The policies' topic matcher over the Embedder (built before the guard services), or None."""
+    if "Embedder" not in ctx.built:
+        return None
+    if "topics" not in ctx.built["Embedder"].extras:
+        from guard.policy.topics import TopicMatcher
+        from server.embedding_service import topic_embedder
+
+        ctx.built["Embedder"].extras["topics"] = TopicMatcher(topic_embedder(ctx.built["Embedder"].state))
+    return ctx.built["Embedder"].extras["topics"]
 
 
 def _stream_guard(ctx: ServiceContext) -> HostedService:
@@ -25,7 +44,7 @@ def _stream_guard(ctx: ServiceContext) -> HostedService:
     from server.stream_guard import RuntimeHolder, StreamGuardService
 
     holder = RuntimeHolder()
-    service = StreamGuardService(holder, ctx.settings, ctx.metrics, ctx.policies)
+    service = StreamGuardService(holder, ctx.settings, ctx.metrics, ctx.policies, _topic_matcher(ctx))
     s = ctx.settings
 
     async def load() -> None:
@@ -77,7 +96,7 @@ def _guarded_generation(ctx: ServiceContext) -> HostedService:
 def _policies(ctx: ServiceContext) -> HostedService:
     from server.policies_service import PoliciesService
 
-    service = PoliciesService(ctx.policies)
+    service = PoliciesService(ctx.policies, _topic_matcher(ctx))
     return HostedService(
         add_to_server=lambda server: guard_pb2_grpc.add_PoliciesServicer_to_server(service, server),
         service_names=(_full_name("Policies"),),
@@ -109,6 +128,61 @@ def _judge(ctx: ServiceContext) -> HostedService:
     )
 
 
+def _retrieval(ctx: ServiceContext, service: str) -> HostedService:
+    """The Embedder or the Reranker: the same build, load and close steps."""
+    from guard.runtime import parse_dtype, resolve_retrieval_model
+
+    s = ctx.settings
+    if service == "embedder":
+        from guard.retrieval.embedder import Embedder as model_class
+        from server.embedding_service import EmbedderHolder as holder_class
+        from server.embedding_service import EmbedderService as service_class
+        from server.qwen3guard.embedding.v1 import embedding_pb2_grpc as pb_grpc
+
+        proto_name, add = "Embedder", pb_grpc.add_EmbedderServicer_to_server
+    else:
+        from guard.retrieval.reranker import Reranker as model_class
+        from server.qwen3guard.rerank.v1 import rerank_pb2_grpc as pb_grpc
+        from server.rerank_service import RerankerHolder as holder_class
+        from server.rerank_service import RerankerService as service_class
+
+        proto_name, add = "Reranker", pb_grpc.add_RerankerServicer_to_server
+    holder = holder_class()
+    servicer = service_class(holder, ctx.metrics)
+
+    async def load() -> None:
+        def build():
+            path = resolve_retrieval_model(getattr(s, service), service)
+            return model_class(
+                path,
+                device=s.device,
+                dtype=parse_dtype(s.dtype),
+                limits=s.retrieval_limits(service),
+                max_length=getattr(s, f"{service}_max_length") or None,
+                on_batch=ctx.metrics.on_retrieval_batch(proto_name),
+                endpoint=getattr(s, f"{service}_endpoint"),
+                endpoint_model=getattr(s, f"{service}_endpoint_model"),
+            )
+
+        holder.model = await asyncio.to_thread(build)
+        model = holder.model
+        log.info("event=model_loaded service=%s model=%r demo=%s", proto_name, model.path.name, bool(model.demo))
+        if model.demo:
+            log.warning("event=demo_model service=%s notice=%r", proto_name, model.demo.get("notice", "DEMO"))
+
+    async def close() -> None:
+        if holder.model is not None:
+            await asyncio.to_thread(holder.model.close)
+
+    return HostedService(
+        add_to_server=lambda server: add(servicer, server),
+        service_names=(_full_name(proto_name),),
+        load=load,
+        close=close,
+        state=holder,
+    )
+
+
 def _settings_fields(prefix: str) -> tuple[str, ...]:
     from dataclasses import fields
 
@@ -116,6 +190,20 @@ def _settings_fields(prefix: str) -> tuple[str, ...]:
 
 
 BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
+    ServiceSpec(
+        "Embedder",
+        lambda ctx: _retrieval(ctx, "embedder"),
+        settings_fields=_settings_fields("embedder"),
+        enabled=lambda settings: bool(settings.embedder),
+        description="Qwen3-Embedding vectors (qwen3guard.embedding.v1), on with --embedder DIR|demo",
+    ),
+    ServiceSpec(
+        "Reranker",
+        lambda ctx: _retrieval(ctx, "reranker"),
+        settings_fields=_settings_fields("reranker"),
+        enabled=lambda settings: bool(settings.reranker),
+        description="Qwen3-Reranker relevance scores (qwen3guard.rerank.v1), on with --reranker DIR|demo",
+    ),
     ServiceSpec(
         "StreamGuard",
         _stream_guard,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from guard.model.engine import EngineLimits
+    from guard.retrieval.batching import BatchLimits
 
 
 
@@ -43,6 +44,24 @@ class ServeSettings:
     judge_max_batch: int = 8  # local judge: requests batched into one generation
     judge_wait_ms: float = 5.0  # local judge: how long a batch waits to fill
     judge_max_queue: int = 1024  # local judge: requests waiting for a batch (RESOURCE_EXHAUSTED beyond)
+    embedder: str = ""  # Qwen3-Embedding checkpoint directory, 'demo', or '' (the Embedder service is off)
+    embedder_max_batch_tokens: int = 16384  # padded tokens in one forward pass
+    embedder_max_batch: int = 64  # sequences in one forward pass
+    embedder_wait_ms: float = 2.0  # how long a batch waits to fill
+    embedder_max_queue: int = 4096  # sequences waiting (RESOURCE_EXHAUSTED beyond)
+    embedder_max_client_batch: int = 256  # inputs in one request
+    embedder_max_length: int = 0  # tokens per input; 0 = the model's (8192 at most)
+    embedder_endpoint: str = ""  # the `vllm` backend: a vLLM pooling server computing the vectors
+    embedder_endpoint_model: str = ""  # model name there; empty = the first one it lists
+    reranker: str = ""  # Qwen3-Reranker checkpoint directory, 'demo', or '' (the Reranker service is off)
+    reranker_max_batch_tokens: int = 16384
+    reranker_max_batch: int = 64
+    reranker_wait_ms: float = 2.0
+    reranker_max_queue: int = 4096
+    reranker_max_client_batch: int = 256  # documents in one request
+    reranker_max_length: int = 0  # tokens per (query, document) prompt; 0 = 8192
+    reranker_endpoint: str = ""  # the `vllm` backend: a vLLM server scoring through /classify
+    reranker_endpoint_model: str = ""
     upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
     upstream_model: str = ""  # model name there; empty = the first one it lists
     upstream_grpc: str = ""  # or vLLM's gRPC server (host:port): token ids in and out, Abort RPC
@@ -84,6 +103,18 @@ class ServeSettings:
             max_batch_wait_ms=self.max_batch_wait_ms,
             min_parallel_tokens=self.min_parallel_tokens,
             max_kv_cache_bytes=self.max_kv_cache_mb * 2**20 or None,
+        )
+
+    def retrieval_limits(self, service: str) -> BatchLimits:
+        """Batching limits of the ``embedder`` or ``reranker`` service."""
+        from guard.retrieval.batching import BatchLimits
+
+        return BatchLimits(
+            max_batch_tokens=getattr(self, f"{service}_max_batch_tokens"),
+            max_batch=getattr(self, f"{service}_max_batch"),
+            wait_ms=getattr(self, f"{service}_wait_ms"),
+            max_queue=getattr(self, f"{service}_max_queue"),
+            max_client_batch=getattr(self, f"{service}_max_client_batch"),
         )
 
     def policy_dir(self) -> Path | None:

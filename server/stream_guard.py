@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -26,6 +26,7 @@ from guard.errors import InvalidInput
 from guard.policy.actions import Action
 from guard.policy.loader import PolicyStore
 from guard.policy.rules import Policy, ReleaseDefault
+from guard.policy.topics import TopicMatch, TopicMatcher
 from guard.runtime import GuardRuntime
 from guard.session.moderation import ModeratedStream
 from guard.session.release import ReleaseMode
@@ -67,11 +68,26 @@ class _Item:
 
 
 class StreamGuardService(pb_grpc.StreamGuardServicer):
-    def __init__(self, holder: RuntimeHolder, settings: ServeSettings, metrics: Metrics, policies: PolicyStore) -> None:
+    def __init__(
+        self,
+        holder: RuntimeHolder,
+        settings: ServeSettings,
+        metrics: Metrics,
+        policies: PolicyStore,
+        topics: TopicMatcher | None = None,
+    ) -> None:
         self.holder = holder
         self.settings = settings
         self.metrics = metrics
         self.policies = policies
+        self.topics = topics  # the Embedder's topic matcher; None without the Embedder
+
+    def topic_check(self, policy: Policy, prompt_text: Callable[[], str]) -> Awaitable[TopicMatch | None] | None:
+        """The prompt's topic match for ``judge_prompt`` (any front end), or None when the policy
+        has no topics."""
+        if not policy.topics or self.topics is None:
+            return None
+        return self.topics.match(policy, prompt_text())
 
     # ------------------------------------------------------------------------------ Info
 
@@ -148,7 +164,8 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
                     "event=stream_prompt session=%s messages=%r",
                     session.id, [(m.role, m.content) for m in opened.messages],
                 )
-            prompt = await session.judge_prompt()
+            text = lambda: topic_text(runtime, opened.messages, opened.prompt_token_ids)  # noqa: E731
+            prompt = await session.judge_prompt(self.topic_check(policy, text))
             self.record_prompt(policy, prompt)
             yield pb.ModerateResponse(prompt=prompt_pb(prompt, policy))
             if prompt.fail_closed:
@@ -263,10 +280,18 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
         if outcome.model_failure:
             self._count_failure(policy, "prompt")
             return
+        if outcome.reason:  # the topic check failed, fail open
+            self._count_failure(policy, "prompt")
         verdict = outcome.verdict
         category = verdict.verdict.category or ""
         self.metrics.verdicts.labels("prompt", verdict.level.name, category).inc()
-        self.metrics.actions.labels("prompt", verdict.action.name, category).inc()
+        self.metrics.actions.labels("prompt", outcome.action.name, category).inc()
+        if outcome.topic is not None:
+            self.metrics.topic_matches.labels(policy.name, outcome.topic.topic.name, outcome.action.name).inc()
+            log.info(
+                "event=prompt_topic domain=%s topic=%s similarity=%.3f action=%s",
+                policy.name, outcome.topic.topic.name, outcome.topic.similarity, outcome.action.name,
+            )
 
     def record_chunk(self, policy: Policy, outcome: ChunkOutcome) -> None:
         """Metrics of one chunk outcome (any front end): one counter update per kind of verdict
@@ -317,6 +342,14 @@ def requested_release_mode(requested: int, policy: Policy) -> ReleaseMode:
     return ReleaseMode.OPTIMISTIC if policy.release_mode is ReleaseDefault.OPTIMISTIC else ReleaseMode.HOLD_BACK
 
 
+def topic_text(runtime: GuardRuntime, messages, prompt_token_ids) -> str:
+    """What a prompt's topics are matched against: the last user turn, else the decoded ids."""
+    users = [m.content for m in messages if m.role == "user"]
+    if users:
+        return users[-1]
+    return runtime.tokenizer.hf.decode(list(prompt_token_ids), skip_special_tokens=True)
+
+
 def prompt_pb(outcome: PromptOutcome, policy: Policy) -> pb.PromptVerdict:
     if outcome.verdict is None:  # the fail mode decided
         return pb.PromptVerdict(
@@ -324,9 +357,13 @@ def prompt_pb(outcome: PromptOutcome, policy: Policy) -> pb.PromptVerdict:
             policy_version=policy.version,
         )
     v = outcome.verdict
-    return pb.PromptVerdict(
-        verdict=verdict_pb(v.verdict, v.level, v.action, True),
+    out = pb.PromptVerdict(
+        verdict=verdict_pb(v.verdict, v.level, outcome.action, True),
         prompt_tokens=v.prompt_tokens,
         timing=pb.Timing(compute_ms=v.compute_s * 1e3),
         policy_version=policy.version,
+        reason=outcome.reason,
     )
+    if outcome.topic is not None:
+        out.topic, out.topic_similarity = outcome.topic.topic.name, outcome.topic.similarity
+    return out

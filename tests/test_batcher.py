@@ -209,3 +209,42 @@ def test_close_fails_queued_requests_finishes_the_running_batch_and_is_idempoten
     with pytest.raises(EngineStopped, match="test batcher is closed"):
         batcher.submit("late")
     assert "queued" not in model.computed()
+
+
+def test_a_cost_budget_bounds_each_batch_and_an_oversized_item_runs_alone(model):
+    batcher = make(model, max_batch=100, cost=len, max_cost=6)
+    try:
+        gate = hold(batcher, model)
+        items = ["aa", "bbb", "c", "dddd", "e" * 10, "f"]
+        futures = [batcher.submit(x) for x in items]
+        model.release.set()
+        assert [f.result(30).value for f in futures] == [x.upper() for x in items]
+        gate.result(30)
+        assert model.groups[1:] == [["aa", "bbb", "c"], ["dddd"], ["e" * 10], ["f"]]
+    finally:
+        batcher.close()
+
+
+def test_a_full_cost_budget_starts_the_batch_without_waiting_out_the_window(model):
+    batcher = make(model, wait_ms=60_000, cost=len, max_cost=4)
+    try:
+        assert batcher.submit("abcd").result(30).value == "ABCD"  # would wait a minute by the window
+    finally:
+        batcher.close()
+
+
+def test_cost_and_max_cost_go_together(model):
+    with pytest.raises(ValueError, match="go together"):
+        make(model, cost=len)
+
+
+def test_a_withdrawn_request_holds_no_place_in_the_next_batch(model):
+    batcher = make(model, max_batch=2, wait_ms=60_000)  # a batch starts only when two are queued
+    try:
+        withdrawn = batcher.submit("a")
+        assert withdrawn.cancel()
+        pair = [batcher.submit("b"), batcher.submit("c")]
+        assert [f.result(30).value for f in pair] == ["B", "C"]
+        assert model.groups == [["b", "c"]] and {f.result().batch_size for f in pair} == {2}
+    finally:
+        batcher.close()

@@ -426,7 +426,7 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
     volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
     env = literal_env(guard)
     if overlay == "cpu-demo":
-        assert settings.model == "demo"
+        assert settings.model == settings.embedder == settings.reranker == "demo"
         # The demo trains at start into GUARD_CACHE_DIR, which must be a writable emptyDir.
         cache = next(m for m in guard["volumeMounts"] if m["mountPath"] == env["GUARD_CACHE_DIR"])
         assert not cache.get("readOnly") and "emptyDir" in volumes[cache["name"]]
@@ -434,6 +434,8 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
     checkpoints = [
         (guard, settings.model),
         (guard, settings.judge),
+        (guard, settings.embedder),
+        (guard, settings.reranker),
         (by_name["vllm"], flag(by_name["vllm"]["args"], "--model")),
     ]
     for container, path in checkpoints:

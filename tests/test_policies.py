@@ -62,7 +62,7 @@ def test_unknown_keys_are_errors_with_file_line_and_field():
     assert found == [
         "default.yaml:2: respons: unknown key; expected one of description, extends, prompt, "
         "response, thresholds, controversial, debounce, release_mode, redact_marker, categories, "
-        "fail_mode, model_timeout_ms"
+        "fail_mode, model_timeout_ms, topics"
     ]
 
 

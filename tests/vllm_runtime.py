@@ -174,8 +174,9 @@ def _vllm_process(args: list[str], ready, name: str, timeout: float):
 
 
 @contextmanager
-def running_vllm_http(model: Path, timeout: float = 300):
-    """`python -m vllm.entrypoints.openai.api_server` on a loopback port; yields its base URL."""
+def running_vllm_http(model: Path, timeout: float = 300, extra_args: tuple[str, ...] = (), name: str = "tiny-qwen3"):
+    """`python -m vllm.entrypoints.openai.api_server` on a loopback port; yields its base URL.
+    ``extra_args``: e.g. ``--runner pooling`` for the retrieval models."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
 
@@ -196,7 +197,8 @@ def running_vllm_http(model: Path, timeout: float = 300):
         str(port),
         *COMMON_ARGS,
         "--served-model-name",
-        "tiny-qwen3",
+        name,
+        *extra_args,
     ]
     with _vllm_process(args, ready, f"http-{port}", timeout):
         yield url

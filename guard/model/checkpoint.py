@@ -85,4 +85,5 @@ def load_stream_guard(path: str | Path, *, device: str = "cpu", dtype: torch.dty
     model.model.rotary = Rotary(config.head_dim, config.rope_theta)
     model.to(device=device)
     model.eval()
+    model.pack()
     return LoadedGuard(path, config, model)

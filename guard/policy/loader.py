@@ -23,7 +23,7 @@ import yaml
 from guard.errors import InvalidInput
 from guard.model.labels import RiskLevel
 from guard.policy.actions import PROMPT_ACTIONS, RESPONSE_ACTIONS, Action
-from guard.policy.rules import FailMode, Policy, ReleaseDefault, category_key
+from guard.policy.rules import FailMode, Policy, ReleaseDefault, Topic, category_key
 from guard.session.verdict import ControversialMode
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ class Number:
 @dataclass(frozen=True)
 class MapOf:
     value: dict
+    required: tuple[str, ...] = ()  # keys every entry must have
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Any
+    min_items: int = 0
 
 
 PROMPT_ACTION = Enum(tuple(a.name for a in PROMPT_ACTIONS))
@@ -85,6 +92,16 @@ SCHEMA: dict[str, Any] = {
     "categories": MapOf({"prompt": PROMPT_ACTION, "response": RESPONSE_ACTION}),
     "fail_mode": Enum(("open", "closed")),
     "model_timeout_ms": Number(1, 600_000, integer=True),
+    # Named topics matched against the prompt by the Embedder (cosine similarity to exemplars).
+    "topics": MapOf(
+        {
+            "description": str,
+            "action": Enum(("BLOCK", "FLAG")),
+            "threshold": PROBABILITY,
+            "examples": ListOf(str, min_items=1),
+        },
+        required=("action", "threshold", "examples"),
+    ),
 }
 
 
@@ -104,6 +121,9 @@ def _validate(node: yaml.Node, schema: Any, path: str, file: str, problems: list
             sub_path = f"{path}.{key}" if path else str(key)
             if isinstance(schema, MapOf):
                 out[key] = _validate(value_node, schema.value, sub_path, file, problems)
+                missing = [r for r in schema.required if isinstance(out[key], dict) and r not in out[key]]
+                for name in missing:
+                    problems.append(Problem(file, key_node.start_mark.line + 1, f"{sub_path}.{name}", "required"))
             elif key not in schema:
                 problems.append(
                     Problem(
@@ -118,6 +138,13 @@ def _validate(node: yaml.Node, schema: Any, path: str, file: str, problems: list
             else:
                 out[key] = _validate(value_node, schema[key], sub_path, file, problems)
         return out
+    if isinstance(schema, ListOf):
+        if not isinstance(node, yaml.SequenceNode):
+            bad("expected a list")
+            return None
+        if len(node.value) < schema.min_items:
+            bad(f"expected at least {schema.min_items} item(s)")
+        return [_validate(item, schema.item, f"{path}[{i}]", file, problems) for i, item in enumerate(node.value)]
     if not isinstance(node, yaml.ScalarNode):
         bad("expected a single value")
         return None
@@ -191,6 +218,10 @@ def compile_policy(name: str, raw: dict[str, Any], source: str = "") -> Policy:
         if "response" in actions:
             response_categories[category_key(category)] = Action[actions["response"]]
     thresholds = raw.get("thresholds", {})
+    topics = tuple(
+        Topic(name, Action[t["action"]], t["threshold"], tuple(t["examples"]), t.get("description", ""))
+        for name, t in sorted((raw.get("topics") or {}).items())
+    )
     return Policy(
         name=name,
         description=raw.get("description", ""),
@@ -206,6 +237,7 @@ def compile_policy(name: str, raw: dict[str, Any], source: str = "") -> Policy:
         redact_marker=raw.get("redact_marker", base.redact_marker),
         fail_mode=FailMode(raw.get("fail_mode", base.fail_mode.value)),
         model_timeout_ms=raw.get("model_timeout_ms", base.model_timeout_ms),
+        topics=topics,
         source=source,
         version=hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12],
     )
@@ -265,6 +297,28 @@ def load_policies(files: dict[str, tuple[str, str]]) -> tuple[dict[str, Policy],
         for d, raw in effective.items()
     }
     return policies, effective
+
+
+def unmatched_topics(policies: dict[str, Policy], files: dict[str, tuple[str, str]]) -> None:
+    """Topics need the Embedder: without it, every policy that has them (its own or inherited)
+    is an error naming the file and the line of its ``topics:`` key (0 when inherited)."""
+    problems = []
+    for domain, policy in sorted(policies.items()):
+        if not policy.topics:
+            continue
+        file, text = files[domain]
+        line = next((i for i, t in enumerate(text.splitlines(), 1) if t.startswith("topics:")), 0)
+        where = "" if line else " (inherited)"
+        problems.append(
+            Problem(
+                file,
+                line,
+                "topics",
+                f"topics{where} need the Embedder: start the sidecar with --embedder DIR|demo, or remove them",
+            )
+        )
+    if problems:
+        raise PolicyError(problems)
 
 
 def snapshot_dir(directory: Path) -> Path:
@@ -333,6 +387,8 @@ class PolicyStore:
     directory: Path | None
     default_domain: str = DEFAULT_DOMAIN
     on_change: Callable[[PolicyStore], None] | None = None
+    # False when the sidecar runs without the Embedder: a policy with topics is then invalid.
+    topics_available: bool = True
     policies: dict[str, Policy] = field(default_factory=dict)
     effective: dict[str, dict] = field(default_factory=dict)
     version: int = 0  # increments on every accepted change
@@ -379,6 +435,8 @@ class PolicyStore:
             else:
                 try:
                     policies, effective = load_policies(files)
+                    if not self.topics_available:
+                        unmatched_topics(policies, files)
                     if self.default_domain not in policies:
                         where = str(self.directory)
                         raise PolicyError(

@@ -51,6 +51,18 @@ def category_key(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Topic:
+    """A named topic: a prompt whose embedding is within ``threshold`` (cosine similarity) of any
+    example gets ``action`` (BLOCK or FLAG), unless the model's verdict is stricter."""
+
+    name: str
+    action: Action
+    threshold: float
+    examples: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class Policy:
     name: str = "builtin"
     description: str = ""
@@ -78,6 +90,7 @@ class Policy:
     redact_marker: str = "[REDACTED]"
     fail_mode: FailMode = FailMode.CLOSED
     model_timeout_ms: int = 2000
+    topics: tuple[Topic, ...] = ()
     source: str = ""  # file the policy came from
     version: str = ""  # content hash of the effective policy
 

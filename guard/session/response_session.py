@@ -22,14 +22,15 @@ in one hand-off per step; a stream opened without one works too, through thread-
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from guard.delivery import AnyFuture
 from guard.errors import EngineStopped, ModelFailed
-from guard.policy.actions import Action
+from guard.policy.actions import PROMPT_ACTIONS, Action
 from guard.policy.rules import FailMode, Policy
+from guard.policy.topics import TopicMatch
 from guard.session.moderation import ChunkVerdict, ModeratedStream, PromptVerdict
 from guard.session.release import ReleaseMode, ReleaseTracker
 from guard.session.verdict import TokenVerdict
@@ -42,6 +43,8 @@ class PromptOutcome:
     verdict: PromptVerdict | None
     action: Action
     model_failure: str = ""  # why the fail mode applied ("" when the model answered)
+    topic: TopicMatch | None = None  # the policy topic the prompt falls under (the Embedder)
+    reason: str = ""  # the model answered but the topic check failed and the policy fails open
 
     @property
     def blocked(self) -> bool:
@@ -175,19 +178,43 @@ class ResponseSession:
 
     # ------------------------------------------------------------------ prompt
 
-    async def judge_prompt(self) -> PromptOutcome:
+    async def judge_prompt(self, topic: Awaitable[TopicMatch | None] | None = None) -> PromptOutcome:
+        """The prompt's verdict and action. ``topic`` (the policy's topic match, computed by the
+        Embedder) runs beside the model; the stricter action wins. The Embedder failing or being
+        too slow is a model failure too: the policy's fail mode decides."""
+        matching = asyncio.ensure_future(topic) if topic is not None else None
         try:
             verdict = self.stream.judge_prompt(await self._await(self.stream.prompt_scores))
+            match = await self._topic(matching) if matching is not None else None
         except _ModelFailure as failure:
+            if matching is not None and not matching.done():
+                matching.cancel()
+                await asyncio.gather(matching, return_exceptions=True)
             closed = self.policy.fail_mode is FailMode.CLOSED
             reason = f"{failure}; fail {self.policy.fail_mode.value}"
             if closed:
                 self._state.failure = reason
                 self._state.interrupted = True
-            else:
+                return PromptOutcome(None, Action.BLOCK, reason)
+            if matching is None or not failure.topic:  # the guard model itself failed
                 self._state.degraded = True
-            return PromptOutcome(None, Action.BLOCK if closed else Action.ALLOW, reason)
-        return PromptOutcome(verdict, verdict.action)
+                return PromptOutcome(None, Action.ALLOW, reason)
+            return PromptOutcome(verdict, verdict.action, reason=reason)  # fail open on the topic check only
+        action = verdict.action
+        if match is not None and PROMPT_ACTIONS.index(match.action) > PROMPT_ACTIONS.index(action):
+            action = match.action
+        return PromptOutcome(verdict, action, topic=match)
+
+    async def _topic(self, matching: asyncio.Future) -> TopicMatch | None:
+        timeout = self.policy.model_timeout_ms / 1000
+        try:
+            return await asyncio.wait_for(matching, timeout)
+        except TimeoutError:
+            raise _ModelFailure(
+                f"the topic check (Embedder) did not answer within {self.policy.model_timeout_ms} ms", topic=True
+            ) from None
+        except Exception as exc:  # the Embedder failed, is full or shutting down: a model failure
+            raise _ModelFailure(f"the topic check (Embedder) failed ({exc})", topic=True) from None
 
     # ------------------------------------------------------------------ submit (arrival order)
 
@@ -403,3 +430,7 @@ class ResponseSession:
 
 class _ModelFailure(Exception):
     """The guard model did not answer in time, or failed; the policy's fail mode applies."""
+
+    def __init__(self, message: str, *, topic: bool = False) -> None:
+        super().__init__(message)
+        self.topic = topic  # the topic check (Embedder), not the guard model

@@ -176,18 +176,22 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ...) -> None: ...
 
 class PromptVerdict(_message.Message):
-    __slots__ = ("verdict", "prompt_tokens", "timing", "reason", "policy_version")
+    __slots__ = ("verdict", "prompt_tokens", "timing", "reason", "policy_version", "topic", "topic_similarity")
     VERDICT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     verdict: Verdict
     prompt_tokens: int
     timing: Timing
     reason: str
     policy_version: str
-    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    topic: str
+    topic_similarity: float
+    def __init__(self, verdict: _Optional[_Union[Verdict, _Mapping]] = ..., prompt_tokens: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., reason: _Optional[str] = ..., policy_version: _Optional[str] = ..., topic: _Optional[str] = ..., topic_similarity: _Optional[float] = ...) -> None: ...
 
 class ChunkVerdict(_message.Message):
     __slots__ = ("tokens", "action", "released", "released_text", "released_chars", "first_unsafe_index", "judged", "received", "timing", "redactions", "unjudged", "reason")
@@ -370,7 +374,7 @@ class PolicyDetail(_message.Message):
     def __init__(self, summary: _Optional[_Union[PolicySummary, _Mapping]] = ..., effective_yaml: _Optional[str] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("domain", "stage", "risk", "category", "probabilities")
+    __slots__ = ("domain", "stage", "risk", "category", "probabilities", "text")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -383,22 +387,28 @@ class EvaluateRequest(_message.Message):
     RISK_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     domain: str
     stage: Stage
     risk: RiskLevel
     category: str
     probabilities: _containers.ScalarMap[str, float]
-    def __init__(self, domain: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., risk: _Optional[_Union[RiskLevel, str]] = ..., category: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    text: str
+    def __init__(self, domain: _Optional[str] = ..., stage: _Optional[_Union[Stage, str]] = ..., risk: _Optional[_Union[RiskLevel, str]] = ..., category: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., text: _Optional[str] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
-    __slots__ = ("action", "effective_risk", "policy_version")
+    __slots__ = ("action", "effective_risk", "policy_version", "topic", "topic_similarity")
     ACTION_FIELD_NUMBER: _ClassVar[int]
     EFFECTIVE_RISK_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    TOPIC_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     action: Action
     effective_risk: RiskLevel
     policy_version: str
-    def __init__(self, action: _Optional[_Union[Action, str]] = ..., effective_risk: _Optional[_Union[RiskLevel, str]] = ..., policy_version: _Optional[str] = ...) -> None: ...
+    topic: str
+    topic_similarity: float
+    def __init__(self, action: _Optional[_Union[Action, str]] = ..., effective_risk: _Optional[_Union[RiskLevel, str]] = ..., policy_version: _Optional[str] = ..., topic: _Optional[str] = ..., topic_similarity: _Optional[float] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,90 @@
+"""`qwen3guard.rerank.v1.Reranker`: Qwen3-Reranker scores over gRPC, batched across callers."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from guard.retrieval.checkpoint import DEFAULT_RERANK_INSTRUCTION
+from guard.retrieval.reranker import Reranker, probability
+from server.metrics import Metrics
+from server.qwen3guard.rerank.v1 import rerank_pb2 as pb
+from server.qwen3guard.rerank.v1 import rerank_pb2_grpc as pb_grpc
+from server.retrieval_calls import (
+    ModelHolder,
+    RequestCounters,
+    elapsed_ms,
+    gather,
+    pipelined,
+    truncation,
+    unary,
+)
+
+SERVICE = "Reranker"
+
+
+class RerankerHolder(ModelHolder[Reranker]):
+    def __init__(self) -> None:
+        super().__init__("reranking")
+
+
+class RerankerService(pb_grpc.RerankerServicer):
+    def __init__(self, holder: RerankerHolder, metrics: Metrics) -> None:
+        self.holder = holder
+        self.counters = RequestCounters(metrics, SERVICE)
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        return await unary(lambda: self._rerank(request), context)
+
+    async def RerankStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        async for response in pipelined(request_iterator, self._rerank, context):
+            yield response
+
+    async def _rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
+        received = time.perf_counter()
+        model = self.holder.get()
+        documents = list(request.documents)
+        sequences = model.sequences(
+            request.query, documents, instruction=request.instruction, truncation=truncation(request.truncation)
+        )
+        raw, timing = await gather(model.submit(sequences))
+        scores = raw if request.raw_scores else [probability(r) for r in raw]
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        if request.top_n:
+            order = order[: request.top_n]
+        tokens = self.counters.record(sequences, timing)
+        ranks = []
+        for i in order:
+            rank = pb.Rank(index=i, score=scores[i], tokens=len(sequences[i]))
+            if request.return_text:
+                rank.text = documents[i]
+            ranks.append(rank)
+        return pb.RerankResponse(
+            ranks=ranks,
+            metadata=pb.Metadata(
+                documents=len(sequences),
+                tokens=tokens,
+                queue_ms=timing.queue_ms,
+                inference_ms=timing.inference_ms,
+                total_ms=elapsed_ms(received),
+                batch_size=timing.batch_size,
+            ),
+            request_id=request.request_id,
+        )
+
+    async def Info(self, request: pb.InfoRequest, context: grpc.aio.ServicerContext) -> pb.InfoResponse:
+        async def call() -> pb.InfoResponse:
+            model = self.holder.get()
+            return pb.InfoResponse(
+                model=model.path.name,
+                kind=model.kind,
+                max_input_tokens=model.max_length,
+                max_batch_tokens=model.limits.max_batch_tokens,
+                max_client_batch=model.limits.max_client_batch,
+                default_instruction=DEFAULT_RERANK_INSTRUCTION,
+                demo=bool(model.demo),
+                backend=self.holder.backend,
+            )
+
+        return await unary(call, context)
