@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from servers import running_sidecar
-from vllm_runtime import running_vllm_http
+from vllm_runtime import running_vllm_http, started_together
 
 from guard.retrieval.checkpoint_writer import write_embedding_checkpoint, write_reranker_checkpoint
 from guard.retrieval.embedder import Embedder, EmbedInput, finish
@@ -46,17 +46,16 @@ def served(tmp_path_factory, demo_dir):
     root = tmp_path_factory.mktemp("vllm-retrieval")
     embedding = write_embedding_checkpoint(root / "emb", shape=SHAPE, seed=31)
     reranking = write_reranker_checkpoint(root / "rr", shape=SHAPE, seed=32)
+    servers = started_together(
+        running_vllm_http(embedding, name="qwen3-embedding-tiny", extra_args=("--runner", "pooling")),
+        running_vllm_http(
+            reranking,
+            name="qwen3-reranker-tiny",
+            extra_args=("--runner", "pooling", "--hf-overrides", json.dumps(RERANKER_OVERRIDES)),
+        ),
+    )
     with ExitStack() as stack:
-        embed_url = stack.enter_context(
-            running_vllm_http(embedding, name="qwen3-embedding-tiny", extra_args=("--runner", "pooling"))
-        )
-        rerank_url = stack.enter_context(
-            running_vllm_http(
-                reranking,
-                name="qwen3-reranker-tiny",
-                extra_args=("--runner", "pooling", "--hf-overrides", json.dumps(RERANKER_OVERRIDES)),
-            )
-        )
+        embed_url, rerank_url = stack.enter_context(servers)
         sidecar = stack.enter_context(
             running_sidecar(
                 model=str(demo_dir),

@@ -174,6 +174,29 @@ def _vllm_process(args: list[str], ready, name: str, timeout: float):
 
 
 @contextmanager
+def started_together(*managers):
+    """Enter context managers (vLLM servers) concurrently, so their start-ups overlap; yield their
+    values in order; exit every one that started, whatever failed."""
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        with ThreadPoolExecutor(len(managers)) as pool:
+            futures = [pool.submit(m.__enter__) for m in managers]
+        errors = []
+        values = []
+        for manager, future in zip(managers, futures, strict=True):
+            if future.exception() is None:
+                stack.push(manager.__exit__)
+                values.append(future.result())
+            else:
+                errors.append(future.exception())
+        if errors:
+            raise errors[0]
+        yield values
+
+
+@contextmanager
 def running_vllm_http(model: Path, timeout: float = 300, extra_args: tuple[str, ...] = (), name: str = "tiny-qwen3"):
     """`python -m vllm.entrypoints.openai.api_server` on a loopback port; yields its base URL.
     ``extra_args``: e.g. ``--runner pooling`` for the retrieval models."""
