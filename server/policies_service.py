@@ -15,6 +15,7 @@ from guard.policy.loader import PolicyStore
 from guard.policy.topics import TopicMatcher
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
+from server.retrieval_calls import NotLoaded
 from server.wire import ACTION, RISK, status_of
 
 LEVEL_OF = {pb.SAFE: RiskLevel.SAFE, pb.CONTROVERSIAL: RiskLevel.CONTROVERSIAL, pb.UNSAFE: RiskLevel.UNSAFE}
@@ -79,6 +80,8 @@ class PoliciesService(pb_grpc.PoliciesServicer):
                 match = await self.topics.match(policy, request.text)
             except EngineError as exc:
                 await context.abort(status_of(exc), f"the topic check (Embedder) failed: {exc}")
+            except NotLoaded as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"the topic check cannot run yet: {exc}")
             if match is not None:
                 out.topic, out.topic_similarity = match.topic.name, match.similarity
                 if PROMPT_ACTIONS.index(match.action) > PROMPT_ACTIONS.index(action):

@@ -213,3 +213,17 @@ def test_policy_explain_lists_the_topics(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "topic billing          BLOCK similarity >= 0.999, 2 examples" in done.stdout
     assert "topic competitors      FLAG  similarity >= 0.999, 1 examples" in done.stdout
+
+
+def test_evaluate_while_the_embedder_is_still_loading_is_unavailable(topics_sidecar):
+    holder = topics_sidecar.sidecar.service("Embedder").state
+    model, holder.model = holder.model, None  # the state between start-up and the model loaded
+    try:
+        with grpc.insecure_channel(topics_sidecar.address) as channel, pytest.raises(grpc.RpcError) as error:
+            pb_grpc.PoliciesStub(channel).Evaluate(
+                pb.EvaluateRequest(domain="support", stage=pb.PROMPT, risk=pb.SAFE, text=BILLING), timeout=30
+            )
+    finally:
+        holder.model = model
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "the embedding model is still loading" in error.value.details()
