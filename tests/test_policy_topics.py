@@ -227,3 +227,42 @@ def test_evaluate_while_the_embedder_is_still_loading_is_unavailable(topics_side
         holder.model = model
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "the embedding model is still loading" in error.value.details()
+
+
+def test_a_prompt_that_gives_up_still_leaves_the_examples_embedded_once(embedding_dir):
+    """The examples of a new policy are embedded once, even when the first prompt gives up
+    (its timeout: the fail mode decides) and several prompts ask at the same time."""
+    holder = EmbedderHolder()
+    holder.model = Embedder(embedding_dir)
+    embed = topic_embedder(holder)
+    embedded: list[str] = []
+
+    async def run():
+        release = asyncio.Event()
+
+        async def slow_then_real(texts):  # the real Embedder, slow until released
+            embedded.extend(texts)
+            await release.wait()
+            return await embed(texts)
+
+        policy = load_policies({"default": ("default.yaml", "description: d\n"), "s": ("s.yaml", TOPICS)})[0]["s"]
+        matcher = TopicMatcher(slow_then_real)
+        first = asyncio.ensure_future(matcher.match(policy, "first prompt"))
+        for _ in range(100):
+            if matcher._embedding:
+                break
+            await asyncio.sleep(0)
+        assert matcher._embedding, "the examples are being embedded"
+        first.cancel()  # the prompt gives up; the examples' embedding goes on
+        await asyncio.gather(first, return_exceptions=True)
+        release.set()
+        return await asyncio.gather(*(matcher.match(policy, BILLING) for _ in range(3)))
+
+    try:
+        matches = asyncio.run(run())
+    finally:
+        holder.model.close()
+    assert [m.topic.name for m in matches] == ["billing"] * 3
+    assert embedded.count("Can I get a refund for last month's invoice?") == 1
+    assert embedded.count("Is AcmeCloud better than you?") == 1
+    assert embedded.count(BILLING) == 1 + 3  # once as an example, then once per prompt

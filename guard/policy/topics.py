@@ -9,6 +9,7 @@ kept (bounded, least recently used first out), so a prompt costs one embedding.
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -37,13 +38,15 @@ class TopicMatcher:
         self.embed = embed
         self.max_cached = max_cached_examples
         self._examples: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._embedding: dict[tuple[str, ...], asyncio.Task[None]] = {}  # example sets being embedded
 
     async def match(self, policy: Policy, text: str) -> TopicMatch | None:
         """The topic ``text`` falls under, or None (also when the policy has no topics)."""
         if not policy.topics or not text.strip():
             return None
-        examples = await self._example_vectors([e for t in policy.topics for e in t.examples])
-        (prompt,) = await self.embed([text])
+        examples, (prompt,) = await asyncio.gather(  # both into the same batch, usually
+            self._example_vectors([e for t in policy.topics for e in t.examples]), self.embed([text])
+        )
         best: TopicMatch | None = None
         for topic in policy.topics:
             similarity = max(float(prompt @ examples[e]) for e in topic.examples)
@@ -55,10 +58,16 @@ class TopicMatcher:
         return best
 
     async def _example_vectors(self, examples: list[str]) -> dict[str, np.ndarray]:
-        missing = list(dict.fromkeys(e for e in examples if e not in self._examples))
+        """The examples' vectors. Missing ones are embedded by a task of their own, shielded from
+        the prompt that asked: a prompt that times out (the policy's fail mode) still leaves them
+        cached for the next one, and concurrent prompts share one embedding of a new policy."""
+        missing = tuple(dict.fromkeys(e for e in examples if e not in self._examples))
         if missing:
-            for text, vector in zip(missing, await self.embed(missing), strict=True):
-                self._examples[text] = vector
+            task = self._embedding.get(missing)
+            if task is None:
+                task = self._embedding[missing] = asyncio.ensure_future(self._embed_examples(missing))
+                task.add_done_callback(lambda t, key=missing: self._forget(key, t))
+            await asyncio.shield(task)
         out = {}
         for e in examples:
             self._examples.move_to_end(e)
@@ -66,6 +75,16 @@ class TopicMatcher:
         while len(self._examples) > max(self.max_cached, len(out)):
             self._examples.popitem(last=False)
         return out
+
+
+    async def _embed_examples(self, texts: tuple[str, ...]) -> None:
+        for text, vector in zip(texts, await self.embed(list(texts)), strict=True):
+            self._examples[text] = vector
+
+    def _forget(self, key: tuple[str, ...], task: asyncio.Task[None]) -> None:
+        self._embedding.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure is reported to the prompts that awaited it
 
 
 def _rank(match: TopicMatch) -> tuple[int, float]:
