@@ -13,6 +13,10 @@ What it measures, in one run:
    (padding included) against real tokens, length-sorted groups against arrival order, with the
    time of each.
 
+4. **Images** (``--only vision``; Qwen3-VL-Embedding on a tiny random Qwen3-VL, official pixel
+   limits): per image, the decode + resize + prompt cost against the forward pass, for a small
+   and a camera-sized JPEG, and images/s at batch 1 and 8.
+
 ``--shape 0.6B`` writes a random checkpoint of the 0.6B shape (Qwen3-Embedding-0.6B /
 Qwen3-Reranker-0.6B) to a temporary directory and measures part 1 on it.
 
@@ -204,6 +208,51 @@ def serve(args, address: str) -> subprocess.Popen:
 # ------------------------------------------------------------------------------- output
 
 
+def jpeg(width: int, height: int, seed: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    # smooth gradients plus a little noise: closer to a photo than pure noise (which JPEG cannot compress)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // width), (y * 255 // height), ((x + y) * 127 // (width + height))], -1)
+    pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def vision_levels(batches: list[int], repeat: int) -> list[dict]:
+    from guard.retrieval.checkpoint_writer import write_vl_checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="retrieval-vl-") as tmp:
+        model = Embedder(write_vl_checkpoint(Path(tmp) / "vl"))
+        try:
+            for width, height in ((224, 224), (1280, 720)):
+                images = [jpeg(width, height, seed) for seed in range(max(batches))]
+                inputs = [EmbedInput("a photo", images=(data,)) for data in images]
+                prepare = timed(lambda i=inputs[:1]: model.sequences(i), repeat)
+                sequences = model.sequences(inputs)
+                for batch in batches:
+                    seconds = timed(lambda b=batch, s=sequences: model.forward(s[:b]), repeat)
+                    rows.append(
+                        {
+                            "image": f"{width}x{height}",
+                            "batch": batch,
+                            "tokens": len(sequences[0]),
+                            "prepare_ms": prepare * 1e3,
+                            "forward_ms_per_image": seconds * 1e3 / batch,
+                            "images_per_s": batch / (seconds + prepare * batch),
+                        }
+                    )
+        finally:
+            model.close()
+    return rows
+
+
 def table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     print(f"\n## {title}")
     print("  ".join(f"{head:>{len(head) + 2}}" for head, _, _ in columns))
@@ -214,7 +263,7 @@ def table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=["demo", "0.6B"], default="demo")
-    p.add_argument("--only", choices=["model", "grpc", "padding"], action="append")
+    p.add_argument("--only", choices=["model", "grpc", "padding", "vision"], action="append")
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--lengths", default="4,60", help="words per input, min,max")
     p.add_argument("--inputs", type=int, default=256, help="inputs sent over gRPC (each way)")
@@ -223,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=int, default=2048, help="padded tokens per group in the padding part")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    parts = set(args.only or ["model", "grpc", "padding"])
+    parts = set(args.only or ["model", "grpc", "padding", "vision"])
     lengths = tuple(int(x) for x in args.lengths.split(","))
     batches = [int(x) for x in args.batches.split(",")]
     meta = {
@@ -262,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
                 ("model", "model", "s"), ("sorted", "sorted", "d"), ("real", "real_tokens", "d"),
                 ("computed", "padded_tokens", "d"), ("waste", "waste", ".0%"), ("groups", "groups", "d"),
                 ("per s", "per_s", ",.1f")])  # fmt: skip
+        if "vision" in parts:
+            rows = vision_levels([b for b in batches if b <= 8] or [1], args.repeat)
+            results["vision"] = rows
+            table("images: Qwen3-VL-Embedding (tiny random model, official pixel limits)", rows, [
+                ("image", "image", "s"), ("batch", "batch", "d"), ("tokens", "tokens", "d"),
+                ("prepare ms", "prepare_ms", ".2f"), ("forward ms/img", "forward_ms_per_image", ".2f"),
+                ("images/s", "images_per_s", ",.1f")])  # fmt: skip
         if "grpc" in parts:
             address = f"127.0.0.1:{free_port()}"
             process = serve(args, address)

@@ -11,7 +11,9 @@ calls ``run(items)`` once per group. ``run`` returns one result per item, in ord
 that group.
 
 Guarantees:
-- the queue is bounded: ``submit`` raises ``LimitExceeded`` naming ``max_queue`` when it is full;
+- the queue is bounded: ``submit`` raises ``LimitExceeded`` naming ``max_queue`` when it is full
+  (and ``max_queued_cost`` when the queued items' cost would pass it: e.g. tokens, which bound the
+  memory queued images hold; an item alone in the queue is always taken);
 - a future cancelled before its batch starts leaves the queue at once (no place in the queue, a
   batch or the cost budget) and is never computed; once a batch starts,
   its futures are running and can no longer be cancelled (a caller that stops waiting, e.g.
@@ -73,16 +75,17 @@ class Batcher(Generic[T, R]):
         group_by: Callable[[T], Hashable] | None = None,
         cost: Callable[[T], int] | None = None,
         max_cost: int | None = None,
+        max_queued_cost: int | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or wait_ms < 0 or (max_cost is not None and max_cost < 1):
             raise ValueError(
                 f"{name} batcher: max_batch, max_queue and max_cost must be >= 1 and wait_ms >= 0, "
                 f"got max_batch={max_batch} max_queue={max_queue} max_cost={max_cost} wait_ms={wait_ms}"
             )
-        if (cost is None) != (max_cost is None):
-            raise ValueError(f"{name} batcher: `cost` and `max_cost` go together")
+        if (cost is None) != (max_cost is None) or (max_queued_cost is not None and cost is None):
+            raise ValueError(f"{name} batcher: `cost` and `max_cost` go together (`max_queued_cost` needs them)")
         self.name, self.max_batch, self.wait_s, self.max_queue = name, max_batch, wait_ms / 1000, max_queue
-        self.max_cost = max_cost
+        self.max_cost, self.max_queued_cost = max_cost, max_queued_cost
         self._run, self._group_by, self._cost = run, group_by, cost
         self._queued_cost = 0
         self._pending: deque[_Entry[T, R]] = deque()
@@ -103,6 +106,12 @@ class Batcher(Generic[T, R]):
                     "retry later or raise the limit"
                 )
             entry = _Entry(item, future, time.perf_counter(), self._cost(item) if self._cost else 0)
+            over = self.max_queued_cost is not None and self._queued_cost + entry.cost > self.max_queued_cost
+            if over and self._pending:
+                raise LimitExceeded(
+                    f"the {self.name} queue is full: {self._queued_cost} tokens waiting and this request brings "
+                    f"{entry.cost} (max_queue_tokens={self.max_queued_cost}); retry later or raise the limit"
+                )
             self._pending.append(entry)
             self._queued_cost += entry.cost
             self._cond.notify()

@@ -128,7 +128,7 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     metrics.on_policy_change(policies)
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(metrics), WireErrorsInterceptor()],
-        options=[("grpc.max_receive_message_length", 8 * 2**20), ("grpc.so_reuseport", 0)],
+        options=[("grpc.max_receive_message_length", settings.max_message_mb * 2**20), ("grpc.so_reuseport", 0)],
     )
     context = ServiceContext(settings, metrics, policies)
     hosted_services = []

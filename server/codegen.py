@@ -22,6 +22,7 @@ PROTO_FILES = (
     "qwen3guard/v1/guard.proto",
     "qwen3guard/embedding/v1/embedding.proto",
     "qwen3guard/rerank/v1/rerank.proto",
+    "qwen3guard/media/v1/media.proto",
 )
 PACKAGE_PREFIX = "server."
 

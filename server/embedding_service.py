@@ -12,6 +12,7 @@ from guard.errors import InvalidInput
 from guard.policy.topics import TOPIC_INSTRUCTION, EmbedTexts
 from guard.retrieval.embedder import Embedder, EmbedInput, finish
 from guard.retrieval.inputs import Truncation
+from server.media import to_video, vision_limits_message
 from server.metrics import Metrics
 from server.qwen3guard.embedding.v1 import embedding_pb2 as pb
 from server.qwen3guard.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -51,11 +52,13 @@ def topic_embedder(holder: EmbedderHolder) -> EmbedTexts:
 
 def to_input(item: pb.EmbedInput, position: int) -> EmbedInput:
     content = item.WhichOneof("content")
+    images = tuple(image.data for image in item.images)
+    videos = tuple(to_video(v) for v in item.videos)
     if content == "token_ids":
-        return EmbedInput(token_ids=tuple(item.token_ids.ids), query=item.query)
-    if content is None:
-        raise InvalidInput(f"inputs[{position}] has neither `text` nor `token_ids`")
-    return EmbedInput(item.text, query=item.query)
+        return EmbedInput(token_ids=tuple(item.token_ids.ids), query=item.query, images=images, videos=videos)
+    if content is None and not (images or videos):
+        raise InvalidInput(f"inputs[{position}] has neither `text` nor `token_ids` (nor images or videos)")
+    return EmbedInput(item.text, query=item.query, images=images, videos=videos)
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
@@ -124,6 +127,8 @@ class EmbedderService(pb_grpc.EmbedderServicer):
                 normalize_default=model.layout.normalize,
                 demo=bool(model.demo),
                 backend=self.holder.backend,
+                modalities=model.modalities,
+                vision_limits=vision_limits_message(model.vision.limits) if model.vision is not None else None,
             )
 
         return await unary(call, context)

@@ -6,8 +6,10 @@ import time
 
 import grpc
 
-from guard.retrieval.checkpoint import DEFAULT_RERANK_INSTRUCTION
+from guard.errors import InvalidInput
 from guard.retrieval.reranker import Reranker, probability
+from guard.retrieval.vision import Content
+from server.media import to_content, vision_limits_message
 from server.metrics import Metrics
 from server.qwen3guard.rerank.v1 import rerank_pb2 as pb
 from server.qwen3guard.rerank.v1 import rerank_pb2_grpc as pb_grpc
@@ -29,6 +31,18 @@ class RerankerHolder(ModelHolder[Reranker]):
         super().__init__("reranking")
 
 
+def contents(request: pb.RerankRequest) -> tuple[Content, list[Content]]:
+    """The query and the documents, from the text fields or the content fields (not both)."""
+    if request.query and request.HasField("query_content"):
+        raise InvalidInput("give `query` or `query_content`, not both")
+    if request.documents and request.document_contents:
+        raise InvalidInput("give `documents` or `document_contents`, not both")
+    query = to_content(request.query_content) if request.HasField("query_content") else Content(request.query)
+    if request.document_contents:
+        return query, [to_content(c) for c in request.document_contents]
+    return query, [Content(d) for d in request.documents]
+
+
 class RerankerService(pb_grpc.RerankerServicer):
     def __init__(self, holder: RerankerHolder, metrics: Metrics) -> None:
         self.holder = holder
@@ -44,9 +58,9 @@ class RerankerService(pb_grpc.RerankerServicer):
     async def _rerank(self, request: pb.RerankRequest) -> pb.RerankResponse:
         received = time.perf_counter()
         model = self.holder.get()
-        documents = list(request.documents)
+        query, documents = contents(request)
         sequences = model.sequences(
-            request.query, documents, instruction=request.instruction, truncation=truncation(request.truncation)
+            query, documents, instruction=request.instruction, truncation=truncation(request.truncation)
         )
         raw, timing = await gather(model.submit(sequences))
         scores = raw if request.raw_scores else [probability(r) for r in raw]
@@ -58,7 +72,7 @@ class RerankerService(pb_grpc.RerankerServicer):
         for i in order:
             rank = pb.Rank(index=i, score=scores[i], tokens=len(sequences[i]))
             if request.return_text:
-                rank.text = documents[i]
+                rank.text = documents[i].text
             ranks.append(rank)
         return pb.RerankResponse(
             ranks=ranks,
@@ -82,9 +96,11 @@ class RerankerService(pb_grpc.RerankerServicer):
                 max_input_tokens=model.max_length,
                 max_batch_tokens=model.limits.max_batch_tokens,
                 max_client_batch=model.limits.max_client_batch,
-                default_instruction=DEFAULT_RERANK_INSTRUCTION,
+                default_instruction=model.default_instruction,
                 demo=bool(model.demo),
                 backend=self.holder.backend,
+                modalities=model.modalities,
+                vision_limits=vision_limits_message(model.vision.limits) if model.vision is not None else None,
             )
 
         return await unary(call, context)

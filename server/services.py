@@ -162,6 +162,7 @@ def _retrieval(ctx: ServiceContext, service: str) -> HostedService:
                 on_batch=ctx.metrics.on_retrieval_batch(proto_name),
                 endpoint=getattr(s, f"{service}_endpoint"),
                 endpoint_model=getattr(s, f"{service}_endpoint_model"),
+                vision_limits=s.vision_limits(),
             )
 
         holder.model = await asyncio.to_thread(build)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from guard.model.engine import EngineLimits
     from guard.retrieval.batching import BatchLimits
+    from guard.retrieval.vision import VisionLimits
 
 
 
@@ -62,6 +63,20 @@ class ServeSettings:
     reranker_max_length: int = 0  # tokens per (query, document) prompt; 0 = 8192
     reranker_endpoint: str = ""  # the `vllm` backend: a vLLM server scoring through /classify
     reranker_endpoint_model: str = ""
+    embedder_max_queue_tokens: int = 262144  # tokens waiting (bounds queued memory; RESOURCE_EXHAUSTED beyond)
+    reranker_max_queue_tokens: int = 262144
+    # Images and videos of Qwen3-VL-Embedding / Qwen3-VL-Reranker (both services); defaults as released.
+    vision_image_min_pixels: int = 4096  # smaller images are scaled up
+    vision_image_max_pixels: int = 1843200  # larger images are scaled down (1800 vision tokens)
+    vision_frame_min_pixels: int = 131072
+    vision_frame_max_pixels: int = 786432
+    vision_video_max_pixels: int = 7864320  # all frames of one video together
+    vision_max_frames: int = 64  # frames of one video; more is INVALID_ARGUMENT
+    vision_max_media: int = 16  # images + videos in one input
+    vision_max_encoded_bytes: int = 16 * 2**20  # one encoded image or frame
+    vision_max_source_pixels: int = 64_000_000  # one decoded image, before resizing (no decompression bombs)
+    vision_default_fps: float = 2.0  # a video's frame rate when the request gives none
+    max_message_mb: int = 32  # largest gRPC request (images travel inside requests)
     upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
     upstream_model: str = ""  # model name there; empty = the first one it lists
     upstream_grpc: str = ""  # or vLLM's gRPC server (host:port): token ids in and out, Abort RPC
@@ -115,6 +130,24 @@ class ServeSettings:
             wait_ms=getattr(self, f"{service}_wait_ms"),
             max_queue=getattr(self, f"{service}_max_queue"),
             max_client_batch=getattr(self, f"{service}_max_client_batch"),
+            max_queue_tokens=getattr(self, f"{service}_max_queue_tokens"),
+        )
+
+    def vision_limits(self) -> VisionLimits:
+        """Image and video limits of the vision-language retrieval models."""
+        from guard.retrieval.vision import VisionLimits
+
+        return VisionLimits(
+            image_min_pixels=self.vision_image_min_pixels,
+            image_max_pixels=self.vision_image_max_pixels,
+            frame_min_pixels=self.vision_frame_min_pixels,
+            frame_max_pixels=self.vision_frame_max_pixels,
+            video_max_pixels=self.vision_video_max_pixels,
+            max_frames=self.vision_max_frames,
+            max_media=self.vision_max_media,
+            max_encoded_bytes=self.vision_max_encoded_bytes,
+            max_source_pixels=self.vision_max_source_pixels,
+            default_fps=self.vision_default_fps,
         )
 
     def policy_dir(self) -> Path | None:

@@ -236,6 +236,29 @@ def test_a_full_cost_budget_starts_the_batch_without_waiting_out_the_window(mode
 def test_cost_and_max_cost_go_together(model):
     with pytest.raises(ValueError, match="go together"):
         make(model, cost=len)
+    with pytest.raises(ValueError, match="go together"):
+        make(model, max_queued_cost=10)
+
+
+def test_the_queued_cost_is_bounded_but_a_lone_item_is_always_taken(model):
+    """``max_queued_cost`` bounds what waits (e.g. tokens of queued images); an item bigger than
+    the bound still runs when it is alone."""
+    batcher = make(model, wait_ms=60_000, max_batch=100, cost=len, max_cost=1000, max_queued_cost=6)
+    try:
+        first = batcher.submit("abcd")
+        with pytest.raises(LimitExceeded, match="4 tokens waiting and this request brings 3"):
+            batcher.submit("xyz")
+        second = batcher.submit("xy")  # 6: within the bound
+        first.cancel()  # withdrawn: its cost leaves the bound
+        third = batcher.submit("pqrs")
+        assert not second.done() and not third.done()
+    finally:
+        batcher.close()
+    lone = make(model, wait_ms=0, cost=len, max_cost=1000, max_queued_cost=2)
+    try:
+        assert lone.submit("abcdef").result(30).value == "ABCDEF"
+    finally:
+        lone.close()
 
 
 def test_a_withdrawn_request_holds_no_place_in_the_next_batch(model):

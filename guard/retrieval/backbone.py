@@ -70,22 +70,31 @@ class LastHiddenState:
         for group in groups:
             width = max(lengths[i] for i in group)
             padded += width * len(group)
-            ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, i in enumerate(group):
-                ids[row, width - lengths[i] :] = torch.tensor(sequences[i], dtype=torch.long)
-                mask[row, width - lengths[i] :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = self.backbone(
-                input_ids=ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=positions.to(self.device),
-            ).last_hidden_state[:, -1]
+            hidden = self.backbone(**self.group_inputs([sequences[i] for i in group], width)).last_hidden_state[:, -1]
             if out is None:
                 out = torch.empty((len(sequences), hidden.shape[-1]), dtype=torch.float32, device=self.device)
             out[torch.tensor(group, device=self.device)] = hidden.float()
         assert out is not None, "no sequences"
         return out, ForwardStats(len(groups), len(sequences), sum(lengths), padded)
+
+    def group_inputs(self, rows: Sequence[Sequence[int]], width: int) -> dict[str, torch.Tensor]:
+        """The backbone's keyword arguments for one group: left-padded ids, the mask, and
+        positions counted from each row's first real token."""
+        ids, mask = self.padded(rows, width)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": positions.to(self.device),
+        }
+
+    def padded(self, rows: Sequence[Sequence[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, seq in enumerate(rows):
+            ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+            mask[row, width - len(seq) :] = 1
+        return ids, mask
 
 
 def run_forward(

@@ -25,6 +25,7 @@ class BatchLimits:
     wait_ms: float = 2.0  # how long a batch waits to fill
     max_queue: int = 4096  # sequences waiting (RESOURCE_EXHAUSTED beyond)
     max_client_batch: int = 256  # inputs (or documents) in one request
+    max_queue_tokens: int = 262144  # tokens waiting: bounds what the queue holds (images included)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -42,6 +43,7 @@ def token_budget_batcher(name: str, run: Callable[[list[list[int]]], Sequence], 
         max_queue=limits.max_queue,
         cost=len,
         max_cost=limits.max_batch_tokens,
+        max_queued_cost=limits.max_queue_tokens,
     )
 
 

@@ -106,10 +106,21 @@ def load_pretrained(cls: Any, path: Path, *, dtype: torch.dtype, device: str) ->
     return model.to(device).eval()
 
 
+VISION_LANGUAGE = "qwen3_vl"  # Qwen3-VL-Embedding / Qwen3-VL-Reranker
+
+
 def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of a Qwen3 (text) or Qwen3-VL checkpoint."""
     config = _read_json(Path(path) / "config.json")
     if not isinstance(config, dict):
         raise RetrievalCheckpointError(f"{path}: no config.json (expected a Qwen3 checkpoint directory)")
-    if config.get("model_type") != "qwen3":
-        raise RetrievalCheckpointError(f"{path}: model_type {config.get('model_type')!r}, expected 'qwen3'")
+    if config.get("model_type") not in ("qwen3", VISION_LANGUAGE):
+        raise RetrievalCheckpointError(
+            f"{path}: model_type {config.get('model_type')!r}, expected 'qwen3' or '{VISION_LANGUAGE}'"
+        )
     return config
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The language model's fields (a Qwen3-VL config nests them under ``text_config``)."""
+    return config.get("text_config") or config if config.get("model_type") == VISION_LANGUAGE else config

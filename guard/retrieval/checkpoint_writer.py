@@ -145,3 +145,69 @@ def write_reranker_checkpoint(
     model.save_pretrained(str(out))
     copy_tokenizer_files(tokenizer_dir or cached_qwen3_tokenizer_dir(), out)
     return out
+
+
+# Qwen3-VL: the tiny shape of the reference notes (text 64 x 2 layers, interleaved M-RoPE; a
+# 2-block vision tower with one deepstack layer), and the 2B family shape for benchmarks.
+TINY_VL_TEXT = dict(TINY, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True})
+TINY_VL_VISION = dict(
+    depth=2,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    deepstack_visual_indexes=[1],
+    num_position_embeddings=2304,
+)
+VL_SHAPES = {"tiny": (TINY_VL_TEXT, TINY_VL_VISION)}
+# preprocessor_config.json as the Qwen3-VL releases ship it
+VL_PREPROCESSOR = {
+    "size": {"longest_edge": 16777216, "shortest_edge": 65536},
+    "patch_size": 16,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "processor_class": "Qwen3VLProcessor",
+    "image_processor_type": "Qwen2VLImageProcessorFast",
+}
+
+
+def qwen3_vl_config(shape: str = "tiny"):
+    from transformers import Qwen3VLConfig
+
+    text, vision = VL_SHAPES[shape]
+    text = dict(text, vocab_size=151936, max_position_embeddings=32768, rope_theta=5000000.0, tie_word_embeddings=True)
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=dict(vision),
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+
+
+def write_vl_checkpoint(
+    out_dir: Path, *, shape: str = "tiny", seed: int = 0, tokenizer_dir: Path | None = None
+) -> Path:
+    """A Qwen3-VL-Embedding / Qwen3-VL-Reranker checkpoint as released: a
+    ``Qwen3VLForConditionalGeneration`` saved by transformers (``model.language_model.*``,
+    ``model.visual.*``), the preprocessor config, the chat template and the real tokenizer. The
+    two models share this layout; the serving code decides how the last hidden state is read."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from guard.retrieval.vl_prompt import builtin_chat_template
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    Qwen3VLForConditionalGeneration(qwen3_vl_config(shape)).save_pretrained(str(out))
+    (out / "preprocessor_config.json").write_text(json.dumps(VL_PREPROCESSOR, indent=2) + "\n")
+    copy_tokenizer_files(tokenizer_dir or cached_qwen3_tokenizer_dir(), out)
+    (out / "chat_template.jinja").unlink(missing_ok=True)  # the text model's; Qwen3-VL ships its own
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": builtin_chat_template()}, indent=2) + "\n")
+    return out

@@ -1,4 +1,4 @@
-"""`guard embed`: Qwen3-Embedding vectors for texts or token ids, without a server."""
+"""`guard embed`: Qwen3-Embedding vectors for texts, images or token ids, without a server."""
 
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ def cmd_embed(args) -> int:
         if args.ids:
             inputs = [EmbedInput(token_ids=tuple(ids)) for ids in read_id_lists(args.ids, "inputs")]
         else:
-            inputs = [EmbedInput(text, query=args.query) for text in args.text]
+            inputs = [EmbedInput(text, query=args.query) for text in args.text or []]
+            # each image is one input (a Qwen3-VL-Embedding checkpoint); its bytes go in as sent
+            inputs += [EmbedInput(query=args.query, images=(Path(p).read_bytes(),)) for p in args.image or []]
         truncation = Truncation(args.truncate) if args.truncate else Truncation.NONE
         sequences = embedder.sequences(inputs, instruction=args.instruction or "", truncation=truncation)
         dimensions = embedder.check_dimensions(args.dimensions)
@@ -61,6 +63,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default="demo", help="embedding checkpoint directory, or 'demo'")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", nargs="+", help="texts to embed")
+    source.add_argument("--image", nargs="+", help="image files to embed, one input each (Qwen3-VL-Embedding)")
     source.add_argument("--ids", help="a JSON file: a list of token-id lists, embedded exactly as given")
     p.add_argument("--query", action="store_true", help="the texts are queries (they get the instruction)")
     p.add_argument("--instruction", help="the queries' task (default: the model's)")

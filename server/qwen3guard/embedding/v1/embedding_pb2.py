@@ -22,39 +22,40 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from server.qwen3guard.media.v1 import media_pb2 as qwen3guard_dot_media_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'qwen3guard/embedding/v1/embedding.proto\x12\x17qwen3guard.embedding.v1\"n\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x02 \x01(\x0b\x32!.qwen3guard.embedding.v1.TokenIdsH\x00\x12\r\n\x05query\x18\x03 \x01(\x08\x42\t\n\x07\x63ontent\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xdf\x01\n\x0c\x45mbedRequest\x12\x33\n\x06inputs\x18\x01 \x03(\x0b\x32#.qwen3guard.embedding.v1.EmbedInput\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x37\n\ntruncation\x18\x05 \x01(\x0e\x32#.qwen3guard.embedding.v1.Truncation\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x0c\n\n_normalize\"+\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"x\n\x08Metadata\x12\x0e\n\x06inputs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\xb8\x01\n\rEmbedResponse\x12\x36\n\nembeddings\x18\x01 \x03(\x0b\x32\".qwen3guard.embedding.v1.Embedding\x12\x33\n\x08metadata\x18\x02 \x01(\x0b\x32!.qwen3guard.embedding.v1.Metadata\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x12\n\nnormalized\x18\x05 \x01(\x08\"\x94\x01\n\x0fTokenizeRequest\x12\x33\n\x06inputs\x18\x01 \x03(\x0b\x32#.qwen3guard.embedding.v1.EmbedInput\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x37\n\ntruncation\x18\x03 \x01(\x0e\x32#.qwen3guard.embedding.v1.Truncation\"-\n\x0eTokenizedInput\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"K\n\x10TokenizeResponse\x12\x37\n\x06inputs\x18\x01 \x03(\x0b\x32\'.qwen3guard.embedding.v1.TokenizedInput\"\r\n\x0bInfoRequest\"\xed\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x04 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_client_batch\x18\x06 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x07 \x01(\t\x12\x19\n\x11normalize_default\x18\x08 \x01(\x08\x12\x0c\n\x04\x64\x65mo\x18\t \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t*S\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_RIGHT\x10\x01\x12\x13\n\x0fTRUNCATION_LEFT\x10\x02\x32\xfa\x02\n\x08\x45mbedder\x12V\n\x05\x45mbed\x12%.qwen3guard.embedding.v1.EmbedRequest\x1a&.qwen3guard.embedding.v1.EmbedResponse\x12`\n\x0b\x45mbedStream\x12%.qwen3guard.embedding.v1.EmbedRequest\x1a&.qwen3guard.embedding.v1.EmbedResponse(\x01\x30\x01\x12_\n\x08Tokenize\x12(.qwen3guard.embedding.v1.TokenizeRequest\x1a).qwen3guard.embedding.v1.TokenizeResponse\x12S\n\x04Info\x12$.qwen3guard.embedding.v1.InfoRequest\x1a%.qwen3guard.embedding.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'qwen3guard/embedding/v1/embedding.proto\x12\x17qwen3guard.embedding.v1\x1a\x1fqwen3guard/media/v1/media.proto\"\xc6\x01\n\nEmbedInput\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x36\n\ttoken_ids\x18\x02 \x01(\x0b\x32!.qwen3guard.embedding.v1.TokenIdsH\x00\x12\r\n\x05query\x18\x03 \x01(\x08\x12*\n\x06images\x18\x04 \x03(\x0b\x32\x1a.qwen3guard.media.v1.Image\x12*\n\x06videos\x18\x05 \x03(\x0b\x32\x1a.qwen3guard.media.v1.VideoB\t\n\x07\x63ontent\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xdf\x01\n\x0c\x45mbedRequest\x12\x33\n\x06inputs\x18\x01 \x03(\x0b\x32#.qwen3guard.embedding.v1.EmbedInput\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x16\n\tnormalize\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x37\n\ntruncation\x18\x05 \x01(\x0e\x32#.qwen3guard.embedding.v1.Truncation\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x0c\n\n_normalize\"+\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\x12\x0e\n\x06tokens\x18\x02 \x01(\r\"x\n\x08Metadata\x12\x0e\n\x06inputs\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\xb8\x01\n\rEmbedResponse\x12\x36\n\nembeddings\x18\x01 \x03(\x0b\x32\".qwen3guard.embedding.v1.Embedding\x12\x33\n\x08metadata\x18\x02 \x01(\x0b\x32!.qwen3guard.embedding.v1.Metadata\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x12\n\ndimensions\x18\x04 \x01(\r\x12\x12\n\nnormalized\x18\x05 \x01(\x08\"\x94\x01\n\x0fTokenizeRequest\x12\x33\n\x06inputs\x18\x01 \x03(\x0b\x32#.qwen3guard.embedding.v1.EmbedInput\x12\x13\n\x0binstruction\x18\x02 \x01(\t\x12\x37\n\ntruncation\x18\x03 \x01(\x0e\x32#.qwen3guard.embedding.v1.Truncation\"-\n\x0eTokenizedInput\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t\"K\n\x10TokenizeResponse\x12\x37\n\x06inputs\x18\x01 \x03(\x0b\x32\'.qwen3guard.embedding.v1.TokenizedInput\"\r\n\x0bInfoRequest\"\xbb\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x16\n\x0emin_dimensions\x18\x03 \x01(\r\x12\x18\n\x10max_input_tokens\x18\x04 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x05 \x01(\r\x12\x18\n\x10max_client_batch\x18\x06 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x07 \x01(\t\x12\x19\n\x11normalize_default\x18\x08 \x01(\x08\x12\x0c\n\x04\x64\x65mo\x18\t \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x12\n\nmodalities\x18\x0b \x03(\t\x12\x38\n\rvision_limits\x18\x0c \x01(\x0b\x32!.qwen3guard.media.v1.VisionLimits*S\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_RIGHT\x10\x01\x12\x13\n\x0fTRUNCATION_LEFT\x10\x02\x32\xfa\x02\n\x08\x45mbedder\x12V\n\x05\x45mbed\x12%.qwen3guard.embedding.v1.EmbedRequest\x1a&.qwen3guard.embedding.v1.EmbedResponse\x12`\n\x0b\x45mbedStream\x12%.qwen3guard.embedding.v1.EmbedRequest\x1a&.qwen3guard.embedding.v1.EmbedResponse(\x01\x30\x01\x12_\n\x08Tokenize\x12(.qwen3guard.embedding.v1.TokenizeRequest\x1a).qwen3guard.embedding.v1.TokenizeResponse\x12S\n\x04Info\x12$.qwen3guard.embedding.v1.InfoRequest\x1a%.qwen3guard.embedding.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qwen3guard.embedding.v1.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATION']._serialized_start=1315
-  _globals['_TRUNCATION']._serialized_end=1398
-  _globals['_EMBEDINPUT']._serialized_start=68
-  _globals['_EMBEDINPUT']._serialized_end=178
-  _globals['_TOKENIDS']._serialized_start=180
-  _globals['_TOKENIDS']._serialized_end=203
-  _globals['_EMBEDREQUEST']._serialized_start=206
-  _globals['_EMBEDREQUEST']._serialized_end=429
-  _globals['_EMBEDDING']._serialized_start=431
-  _globals['_EMBEDDING']._serialized_end=474
-  _globals['_METADATA']._serialized_start=476
-  _globals['_METADATA']._serialized_end=596
-  _globals['_EMBEDRESPONSE']._serialized_start=599
-  _globals['_EMBEDRESPONSE']._serialized_end=783
-  _globals['_TOKENIZEREQUEST']._serialized_start=786
-  _globals['_TOKENIZEREQUEST']._serialized_end=934
-  _globals['_TOKENIZEDINPUT']._serialized_start=936
-  _globals['_TOKENIZEDINPUT']._serialized_end=981
-  _globals['_TOKENIZERESPONSE']._serialized_start=983
-  _globals['_TOKENIZERESPONSE']._serialized_end=1058
-  _globals['_INFOREQUEST']._serialized_start=1060
-  _globals['_INFOREQUEST']._serialized_end=1073
-  _globals['_INFORESPONSE']._serialized_start=1076
-  _globals['_INFORESPONSE']._serialized_end=1313
-  _globals['_EMBEDDER']._serialized_start=1401
-  _globals['_EMBEDDER']._serialized_end=1779
+  _globals['_TRUNCATION']._serialized_start=1515
+  _globals['_TRUNCATION']._serialized_end=1598
+  _globals['_EMBEDINPUT']._serialized_start=102
+  _globals['_EMBEDINPUT']._serialized_end=300
+  _globals['_TOKENIDS']._serialized_start=302
+  _globals['_TOKENIDS']._serialized_end=325
+  _globals['_EMBEDREQUEST']._serialized_start=328
+  _globals['_EMBEDREQUEST']._serialized_end=551
+  _globals['_EMBEDDING']._serialized_start=553
+  _globals['_EMBEDDING']._serialized_end=596
+  _globals['_METADATA']._serialized_start=598
+  _globals['_METADATA']._serialized_end=718
+  _globals['_EMBEDRESPONSE']._serialized_start=721
+  _globals['_EMBEDRESPONSE']._serialized_end=905
+  _globals['_TOKENIZEREQUEST']._serialized_start=908
+  _globals['_TOKENIZEREQUEST']._serialized_end=1056
+  _globals['_TOKENIZEDINPUT']._serialized_start=1058
+  _globals['_TOKENIZEDINPUT']._serialized_end=1103
+  _globals['_TOKENIZERESPONSE']._serialized_start=1105
+  _globals['_TOKENIZERESPONSE']._serialized_end=1180
+  _globals['_INFOREQUEST']._serialized_start=1182
+  _globals['_INFOREQUEST']._serialized_end=1195
+  _globals['_INFORESPONSE']._serialized_start=1198
+  _globals['_INFORESPONSE']._serialized_end=1513
+  _globals['_EMBEDDER']._serialized_start=1601
+  _globals['_EMBEDDER']._serialized_end=1979
 # @@protoc_insertion_point(module_scope)

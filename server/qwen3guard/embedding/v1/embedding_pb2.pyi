@@ -1,3 +1,4 @@
+from server.qwen3guard.media.v1 import media_pb2 as _media_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -17,14 +18,18 @@ TRUNCATION_RIGHT: Truncation
 TRUNCATION_LEFT: Truncation
 
 class EmbedInput(_message.Message):
-    __slots__ = ("text", "token_ids", "query")
+    __slots__ = ("text", "token_ids", "query", "images", "videos")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    VIDEOS_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     query: bool
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., query: _Optional[bool] = ...) -> None: ...
+    images: _containers.RepeatedCompositeFieldContainer[_media_pb2.Image]
+    videos: _containers.RepeatedCompositeFieldContainer[_media_pb2.Video]
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., query: _Optional[bool] = ..., images: _Optional[_Iterable[_Union[_media_pb2.Image, _Mapping]]] = ..., videos: _Optional[_Iterable[_Union[_media_pb2.Video, _Mapping]]] = ...) -> None: ...
 
 class TokenIds(_message.Message):
     __slots__ = ("ids",)
@@ -115,7 +120,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "dimension", "min_dimensions", "max_input_tokens", "max_batch_tokens", "max_client_batch", "default_instruction", "normalize_default", "demo", "backend")
+    __slots__ = ("model", "dimension", "min_dimensions", "max_input_tokens", "max_batch_tokens", "max_client_batch", "default_instruction", "normalize_default", "demo", "backend", "modalities", "vision_limits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     MIN_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +131,8 @@ class InfoResponse(_message.Message):
     NORMALIZE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    VISION_LIMITS_FIELD_NUMBER: _ClassVar[int]
     model: str
     dimension: int
     min_dimensions: int
@@ -136,4 +143,6 @@ class InfoResponse(_message.Message):
     normalize_default: bool
     demo: bool
     backend: str
-    def __init__(self, model: _Optional[str] = ..., dimension: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_client_batch: _Optional[int] = ..., default_instruction: _Optional[str] = ..., normalize_default: _Optional[bool] = ..., demo: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    vision_limits: _media_pb2.VisionLimits
+    def __init__(self, model: _Optional[str] = ..., dimension: _Optional[int] = ..., min_dimensions: _Optional[int] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_client_batch: _Optional[int] = ..., default_instruction: _Optional[str] = ..., normalize_default: _Optional[bool] = ..., demo: _Optional[bool] = ..., backend: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., vision_limits: _Optional[_Union[_media_pb2.VisionLimits, _Mapping]] = ...) -> None: ...

@@ -22,29 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from server.qwen3guard.media.v1 import media_pb2 as qwen3guard_dot_media_dot_v1_dot_media__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!qwen3guard/rerank/v1/rerank.proto\x12\x14qwen3guard.rerank.v1\"\xc8\x01\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\x12\x12\n\nraw_scores\x18\x06 \x01(\x08\x12\x34\n\ntruncation\x18\x07 \x01(\x0e\x32 .qwen3guard.rerank.v1.Truncation\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"P\n\x04Rank\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\x04text\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\rB\x07\n\x05_text\"{\n\x08Metadata\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\x81\x01\n\x0eRerankResponse\x12)\n\x05ranks\x18\x01 \x03(\x0b\x32\x1a.qwen3guard.rerank.v1.Rank\x12\x30\n\x08metadata\x18\x02 \x01(\x0b\x32\x1e.qwen3guard.rerank.v1.Metadata\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\xb5\x01\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x18\n\x10max_client_batch\x18\x05 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x65mo\x18\x07 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t*S\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_RIGHT\x10\x01\x12\x13\n\x0fTRUNCATION_LEFT\x10\x02\x32\x8d\x02\n\x08Reranker\x12S\n\x06Rerank\x12#.qwen3guard.rerank.v1.RerankRequest\x1a$.qwen3guard.rerank.v1.RerankResponse\x12]\n\x0cRerankStream\x12#.qwen3guard.rerank.v1.RerankRequest\x1a$.qwen3guard.rerank.v1.RerankResponse(\x01\x30\x01\x12M\n\x04Info\x12!.qwen3guard.rerank.v1.InfoRequest\x1a\".qwen3guard.rerank.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!qwen3guard/rerank/v1/rerank.proto\x12\x14qwen3guard.rerank.v1\x1a\x1fqwen3guard/media/v1/media.proto\"\xb6\x02\n\rRerankRequest\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x13\n\x0binstruction\x18\x03 \x01(\t\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x13\n\x0breturn_text\x18\x05 \x01(\x08\x12\x12\n\nraw_scores\x18\x06 \x01(\x08\x12\x34\n\ntruncation\x18\x07 \x01(\x0e\x32 .qwen3guard.rerank.v1.Truncation\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x33\n\rquery_content\x18\t \x01(\x0b\x32\x1c.qwen3guard.media.v1.Content\x12\x37\n\x11\x64ocument_contents\x18\n \x03(\x0b\x32\x1c.qwen3guard.media.v1.Content\"P\n\x04Rank\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x11\n\x04text\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06tokens\x18\x04 \x01(\rB\x07\n\x05_text\"{\n\x08Metadata\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12\x10\n\x08queue_ms\x18\x03 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\r\"\x81\x01\n\x0eRerankResponse\x12)\n\x05ranks\x18\x01 \x03(\x0b\x32\x1a.qwen3guard.rerank.v1.Rank\x12\x30\n\x08metadata\x18\x02 \x01(\x0b\x32\x1e.qwen3guard.rerank.v1.Metadata\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\r\n\x0bInfoRequest\"\x83\x02\n\x0cInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x18\n\x10max_input_tokens\x18\x03 \x01(\r\x12\x18\n\x10max_batch_tokens\x18\x04 \x01(\r\x12\x18\n\x10max_client_batch\x18\x05 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_instruction\x18\x06 \x01(\t\x12\x0c\n\x04\x64\x65mo\x18\x07 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x12\n\nmodalities\x18\t \x03(\t\x12\x38\n\rvision_limits\x18\n \x01(\x0b\x32!.qwen3guard.media.v1.VisionLimits*S\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x14\n\x10TRUNCATION_RIGHT\x10\x01\x12\x13\n\x0fTRUNCATION_LEFT\x10\x02\x32\x8d\x02\n\x08Reranker\x12S\n\x06Rerank\x12#.qwen3guard.rerank.v1.RerankRequest\x1a$.qwen3guard.rerank.v1.RerankResponse\x12]\n\x0cRerankStream\x12#.qwen3guard.rerank.v1.RerankRequest\x1a$.qwen3guard.rerank.v1.RerankResponse(\x01\x30\x01\x12M\n\x04Info\x12!.qwen3guard.rerank.v1.InfoRequest\x1a\".qwen3guard.rerank.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qwen3guard.rerank.v1.rerank_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATION']._serialized_start=800
-  _globals['_TRUNCATION']._serialized_end=883
-  _globals['_RERANKREQUEST']._serialized_start=60
-  _globals['_RERANKREQUEST']._serialized_end=260
-  _globals['_RANK']._serialized_start=262
-  _globals['_RANK']._serialized_end=342
-  _globals['_METADATA']._serialized_start=344
-  _globals['_METADATA']._serialized_end=467
-  _globals['_RERANKRESPONSE']._serialized_start=470
-  _globals['_RERANKRESPONSE']._serialized_end=599
-  _globals['_INFOREQUEST']._serialized_start=601
-  _globals['_INFOREQUEST']._serialized_end=614
-  _globals['_INFORESPONSE']._serialized_start=617
-  _globals['_INFORESPONSE']._serialized_end=798
-  _globals['_RERANKER']._serialized_start=886
-  _globals['_RERANKER']._serialized_end=1155
+  _globals['_TRUNCATION']._serialized_start=1021
+  _globals['_TRUNCATION']._serialized_end=1104
+  _globals['_RERANKREQUEST']._serialized_start=93
+  _globals['_RERANKREQUEST']._serialized_end=403
+  _globals['_RANK']._serialized_start=405
+  _globals['_RANK']._serialized_end=485
+  _globals['_METADATA']._serialized_start=487
+  _globals['_METADATA']._serialized_end=610
+  _globals['_RERANKRESPONSE']._serialized_start=613
+  _globals['_RERANKRESPONSE']._serialized_end=742
+  _globals['_INFOREQUEST']._serialized_start=744
+  _globals['_INFOREQUEST']._serialized_end=757
+  _globals['_INFORESPONSE']._serialized_start=760
+  _globals['_INFORESPONSE']._serialized_end=1019
+  _globals['_RERANKER']._serialized_start=1107
+  _globals['_RERANKER']._serialized_end=1376
 # @@protoc_insertion_point(module_scope)

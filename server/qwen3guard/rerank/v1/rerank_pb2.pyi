@@ -1,3 +1,4 @@
+from server.qwen3guard.media.v1 import media_pb2 as _media_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -17,7 +18,7 @@ TRUNCATION_RIGHT: Truncation
 TRUNCATION_LEFT: Truncation
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "documents", "instruction", "top_n", "return_text", "raw_scores", "truncation", "request_id")
+    __slots__ = ("query", "documents", "instruction", "top_n", "return_text", "raw_scores", "truncation", "request_id", "query_content", "document_contents")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +27,8 @@ class RerankRequest(_message.Message):
     RAW_SCORES_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    QUERY_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_CONTENTS_FIELD_NUMBER: _ClassVar[int]
     query: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     instruction: str
@@ -34,7 +37,9 @@ class RerankRequest(_message.Message):
     raw_scores: bool
     truncation: Truncation
     request_id: str
-    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., return_text: _Optional[bool] = ..., raw_scores: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    query_content: _media_pb2.Content
+    document_contents: _containers.RepeatedCompositeFieldContainer[_media_pb2.Content]
+    def __init__(self, query: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., instruction: _Optional[str] = ..., top_n: _Optional[int] = ..., return_text: _Optional[bool] = ..., raw_scores: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., request_id: _Optional[str] = ..., query_content: _Optional[_Union[_media_pb2.Content, _Mapping]] = ..., document_contents: _Optional[_Iterable[_Union[_media_pb2.Content, _Mapping]]] = ...) -> None: ...
 
 class Rank(_message.Message):
     __slots__ = ("index", "score", "text", "tokens")
@@ -79,7 +84,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model", "kind", "max_input_tokens", "max_batch_tokens", "max_client_batch", "default_instruction", "demo", "backend")
+    __slots__ = ("model", "kind", "max_input_tokens", "max_batch_tokens", "max_client_batch", "default_instruction", "demo", "backend", "modalities", "vision_limits")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MAX_INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +93,8 @@ class InfoResponse(_message.Message):
     DEFAULT_INSTRUCTION_FIELD_NUMBER: _ClassVar[int]
     DEMO_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    VISION_LIMITS_FIELD_NUMBER: _ClassVar[int]
     model: str
     kind: str
     max_input_tokens: int
@@ -96,4 +103,6 @@ class InfoResponse(_message.Message):
     default_instruction: str
     demo: bool
     backend: str
-    def __init__(self, model: _Optional[str] = ..., kind: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_client_batch: _Optional[int] = ..., default_instruction: _Optional[str] = ..., demo: _Optional[bool] = ..., backend: _Optional[str] = ...) -> None: ...
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    vision_limits: _media_pb2.VisionLimits
+    def __init__(self, model: _Optional[str] = ..., kind: _Optional[str] = ..., max_input_tokens: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., max_client_batch: _Optional[int] = ..., default_instruction: _Optional[str] = ..., demo: _Optional[bool] = ..., backend: _Optional[str] = ..., modalities: _Optional[_Iterable[str]] = ..., vision_limits: _Optional[_Union[_media_pb2.VisionLimits, _Mapping]] = ...) -> None: ...
