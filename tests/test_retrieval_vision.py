@@ -446,3 +446,19 @@ def test_guard_embed_cli_takes_image_files(vl_dir, tmp_path):
     bad.write_bytes(b"not a png")
     done = subprocess.run([*args[:-2], str(bad)], capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert done.returncode != 0 and "not a decodable image" in done.stderr
+
+
+def test_queued_tokens_are_bounded_and_an_oversized_request_is_told_to_split(vl_dir):
+    from guard.retrieval.batching import BatchLimits
+
+    model = Embedder(vl_dir, vision_limits=LIMITS, limits=BatchLimits(max_queue_tokens=100))
+    try:
+        sequences = model.sequences([EmbedInput("a", images=(encoded(i),)) for i in range(4)])
+        assert sum(len(s) for s in sequences) > 100
+        with pytest.raises(InvalidInput, match=r"at most 100 can wait at once \(max_queue_tokens\): split it"):
+            model.submit(sequences)
+        assert len(outputs(model, sequences[:2])) == 2  # within the bound
+        big = model.sequences([EmbedInput("b " * 120)])
+        assert len(big[0]) > 100 and len(outputs(model, big)) == 1  # one sequence alone is always taken
+    finally:
+        model.close()

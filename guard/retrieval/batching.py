@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Generic, TypeVar
 
 from guard.batcher import Batched, Batcher
+from guard.errors import InvalidInput
 
 R = TypeVar("R")
 
@@ -61,7 +62,15 @@ class BatchedSequences(Generic[R]):
         raise NotImplementedError
 
     def submit(self, sequences: list[list[int]]) -> list[Future[Batched[R]]]:
-        """One future per sequence, in order."""
+        """One future per sequence, in order. A request that could never fit the queue's token
+        bound is INVALID_ARGUMENT (split it), not a retryable RESOURCE_EXHAUSTED."""
+        total = sum(len(s) for s in sequences)
+        bound = self._batcher.max_queued_cost
+        if bound is not None and len(sequences) > 1 and total > bound:
+            raise InvalidInput(
+                f"the request has {total} tokens in {len(sequences)} sequences; at most {bound} can wait at once "
+                "(max_queue_tokens): split it"
+            )
         futures: list[Future[Batched[R]]] = []
         try:
             for seq in sequences:
