@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval profile-service load-test deploy-policies deploy-render clean
+.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(BIN)/.installed
 
 ## Run the sidecar (gRPC :50051, metrics :9464) with the built-in demo models; Ctrl-C drains and stops.
 serve: install
-	$(BIN)/guard serve --model demo --embedder demo --reranker demo
+	$(BIN)/guard serve --model demo --embedder demo --reranker demo --reasoner demo
 
 ## Build the demo model (cached) and moderate the showcase conversations.
 demo: install
@@ -62,6 +62,9 @@ bench-service: install
 ## Embedder and Reranker: model vs batch size, 32 concurrent gRPC callers vs serial calls, padding.
 bench-retrieval: install
 	$(BIN)/python benchmarks/retrieval_bench.py --json benchmarks/results/retrieval-demo-cpu.json
+
+bench-reasoner: install
+	$(BIN)/python benchmarks/reasoner_bench.py --json benchmarks/results/reasoner-cpu.json
 
 ## Where the sidecar's time goes at 16 streams x 8 tokens (py-spy, from the bench extra).
 profile-service: install

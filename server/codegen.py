@@ -23,6 +23,7 @@ PROTO_FILES = (
     "qwen3guard/embedding/v1/embedding.proto",
     "qwen3guard/rerank/v1/rerank.proto",
     "qwen3guard/media/v1/media.proto",
+    "qwen3guard/reasoning/v1/reasoning.proto",
 )
 PACKAGE_PREFIX = "server."
 

@@ -134,6 +134,29 @@ class Metrics:
             registry=r,
         )
 
+        self.reasoner_generations = Counter(
+            "guard_reasoner_generations_total",
+            "Reasoner generations ended, by backend and finish reason (stop, length, interrupted, blocked, ...).",
+            ("backend", "finish_reason"),
+            registry=r,
+        )
+        self.reasoner_tokens = Counter(
+            "guard_reasoner_tokens_total",
+            "Reasoner response tokens, by phase (reasoning, answer).",
+            ("phase",),
+            registry=r,
+        )
+        self.reasoner_budget_reached = Counter(
+            "guard_reasoner_thinking_budget_reached_total", "Reasonings closed by the thinking budget.", registry=r
+        )
+        self.reasoner_steers = Counter(
+            "guard_reasoner_steers_total", "Steers applied, by target kind (feature, strategy, vector).", ("kind",),
+            registry=r,
+        )  # fmt: skip
+        self.reasoner_memory_calls = Counter(
+            "guard_reasoner_memory_calls_total", "Memory-agent calls (one per document chunk).", registry=r
+        )
+
     def on_retrieval_batch(self, service: str) -> Callable[[Any, float], None]:
         """A retrieval model's per-forward hook (called on its batcher's thread)."""
         padded = self.retrieval_padded_tokens.labels(service)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from server.qwen3guard.embedding.v1 import embedding_pb2
+from server.qwen3guard.reasoning.v1 import reasoning_pb2
 from server.qwen3guard.rerank.v1 import rerank_pb2
 from server.qwen3guard.v1 import guard_pb2, guard_pb2_grpc
 from server.registry import HostedService, ServiceContext, ServiceSpec
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def _full_name(service: str) -> str:
     """The full proto name of a built-in service (its health and reflection name)."""
-    for proto in (guard_pb2, embedding_pb2, rerank_pb2):
+    for proto in (guard_pb2, embedding_pb2, rerank_pb2, reasoning_pb2):
         if service in proto.DESCRIPTOR.services_by_name:
             return proto.DESCRIPTOR.services_by_name[service].full_name
     raise KeyError(f"no proto declares a service {service!r}")
@@ -184,6 +185,41 @@ def _retrieval(ctx: ServiceContext, service: str) -> HostedService:
     )
 
 
+def _reasoner(ctx: ServiceContext) -> HostedService:
+    """The Reasoner: generation on the local model (steerable) or GuardedGeneration's upstream,
+    guarded by StreamGuard's sessions."""
+    from server.qwen3guard.reasoning.v1 import reasoning_pb2_grpc
+    from server.reasoner_factory import load_reasoner
+    from server.reasoning_service import ReasonerHolder, ReasonerService
+
+    guard = ctx.built["StreamGuard"].state
+    upstream = ctx.built["GuardedGeneration"].state.upstream if "GuardedGeneration" in ctx.built else None
+    holder = ReasonerHolder()
+    service = ReasonerService(holder, guard)
+
+    async def load() -> None:
+        tokenizer = guard.holder.ready().tokenizer.hf
+        holder.model = await asyncio.to_thread(load_reasoner, ctx.settings, upstream, tokenizer)
+        model = holder.model
+        log.info(
+            "event=model_loaded service=Reasoner backend=%s model=%r sae=%s demo=%s",
+            model.backend.name, model.name, model.sae is not None, bool(model.demo),
+        )  # fmt: skip
+
+    async def close() -> None:
+        model = holder.model
+        if model is not None and model.backend is not upstream:  # the upstream is GuardedGeneration's to close
+            await model.backend.close()
+
+    return HostedService(
+        add_to_server=lambda server: reasoning_pb2_grpc.add_ReasonerServicer_to_server(service, server),
+        service_names=(_full_name("Reasoner"),),
+        load=load,
+        close=close,
+        state=holder,
+    )
+
+
 def _settings_fields(prefix: str) -> tuple[str, ...]:
     from dataclasses import fields
 
@@ -228,6 +264,13 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         _judge,
         settings_fields=_settings_fields("judge"),
         description="Generative Qwen3Guard judgments of prompts and responses",
+    ),
+    ServiceSpec(
+        "Reasoner",
+        _reasoner,
+        settings_fields=_settings_fields("reasoner"),
+        enabled=lambda settings: bool(settings.reasoner),
+        description="guarded reasoning: thinking budget, SAE steering, memory agent (qwen3guard.reasoning.v1)",
     ),
 )
 

@@ -77,6 +77,15 @@ class ServeSettings:
     vision_max_source_pixels: int = 64_000_000  # one decoded image, before resizing (no decompression bombs)
     vision_default_fps: float = 2.0  # a video's frame rate when the request gives none
     max_message_mb: int = 32  # largest gRPC request (images travel inside requests)
+    reasoner: str = ""  # Qwen3 causal LM checkpoint, 'demo', 'upstream' (the vLLM upstream), or '' (off)
+    reasoner_sae: str = ""  # SAE directory (sae.safetensors, config.json, features.csv); '' = <reasoner>/sae if any
+    reasoner_context_window: int = 0  # tokens; 0 = the model's max_position_embeddings (upstream: 32768)
+    reasoner_memory_window: int = 0  # documents over this many tokens use the memory agent; 0 = window / 2
+    reasoner_chunk_tokens: int = 5000  # memory agent: document tokens read per step
+    reasoner_memory_tokens: int = 1024  # memory agent: the memory's bound
+    reasoner_max_alpha: float = 50.0  # steering strength bound (|alpha|)
+    reasoner_max_steer_tokens: int = 4096  # steering span bound (T)
+    reasoner_max_waiting: int = 8  # local backend: generations waiting their turn (RESOURCE_EXHAUSTED beyond)
     upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
     upstream_model: str = ""  # model name there; empty = the first one it lists
     upstream_grpc: str = ""  # or vLLM's gRPC server (host:port): token ids in and out, Abort RPC

@@ -155,7 +155,12 @@ class VllmHttpUpstream:
                     data = line[len("data: ") :]
                     if data == "[DONE]":
                         return
-                    choice = json.loads(data)["choices"][0]
+                    event = json.loads(data)
+                    if "error" in event:  # vLLM reports a failure mid-stream as an error event
+                        raise UpstreamError(f"vLLM stream error: {json.dumps(event['error'])[:300]}")
+                    if not event.get("choices"):  # e.g. a usage-only event
+                        continue
+                    choice = event["choices"][0]
                     text = choice.get("text") if prompt.token_ids else (choice.get("delta") or {}).get("content")
                     yield UpstreamDelta(list(choice.get("token_ids") or []), text or "", choice.get("finish_reason"))
         except httpx.HTTPError as exc:  # refused, reset midway, timed out

@@ -426,11 +426,12 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
     volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
     env = literal_env(guard)
     if overlay == "cpu-demo":
-        assert settings.model == settings.embedder == settings.reranker == "demo"
+        assert settings.model == settings.embedder == settings.reranker == settings.reasoner == "demo"
         # The demo trains at start into GUARD_CACHE_DIR, which must be a writable emptyDir.
         cache = next(m for m in guard["volumeMounts"] if m["mountPath"] == env["GUARD_CACHE_DIR"])
         assert not cache.get("readOnly") and "emptyDir" in volumes[cache["name"]]
         return
+    assert settings.reasoner == "upstream" and (settings.upstream_url or settings.upstream_grpc), "the pod's vLLM"
     checkpoints = [
         (guard, settings.model),
         (guard, settings.judge),

@@ -62,8 +62,17 @@ def test_unknown_keys_are_errors_with_file_line_and_field():
     assert found == [
         "default.yaml:2: respons: unknown key; expected one of description, extends, prompt, "
         "response, thresholds, controversial, debounce, release_mode, redact_marker, categories, "
-        "fail_mode, model_timeout_ms, topics"
+        "fail_mode, model_timeout_ms, moderate_reasoning, topics"
     ]
+
+
+def test_moderate_reasoning_is_a_boolean_inherited_by_extends():
+    assert problems(default="moderate_reasoning: maybe\n") == [
+        "default.yaml:1: moderate_reasoning: expected true or false, got 'maybe'"
+    ]
+    policies = load(default="moderate_reasoning: false\n", child="extends: default\n", other="debounce: 2\n")
+    assert not policies["default"].moderate_reasoning and not policies["child"].moderate_reasoning
+    assert policies["other"].moderate_reasoning  # the default: reasoning is moderated
 
 
 def test_every_error_is_reported_at_once():

@@ -10,11 +10,10 @@ through ``Embedder`` / ``Reranker``, ranks every ``SHOWCASE`` query's own docume
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from guard.cache import cached_build
+from guard.demo.threads import one_thread
 from guard.model.config import DEMO_MARKER
 from guard.retrieval.checkpoint import DEFAULT_EMBED_TASK, DEFAULT_RERANK_INSTRUCTION
 from guard.text.offline_tokenizer import cached_qwen3_tokenizer_dir
@@ -278,18 +278,6 @@ def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor
     return ids, mask, torch.tensor([len(s) - 1 for s in sequences])
 
 
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Train on one thread: matrices this small gain little from a second one, a second thread
-    stalls badly on a busy machine, and one thread rounds the same way whatever the core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- the embedder
 
 
@@ -375,7 +363,7 @@ def train_demo_embedder(out_dir: Path, *, steps: int = 240, seed: int = 0, max_r
     from guard.retrieval.checkpoint_writer import write_embedding_checkpoint
 
     started = time.perf_counter()
-    with _one_thread():
+    with one_thread():
         trainer = _EmbedderTrainer(seed)
         trainer.train(steps, 3e-3)
         for round_ in range(max_rounds + 1):
@@ -557,7 +545,7 @@ def train_demo_reranker(out_dir: Path, *, steps: int = 400, seed: int = 0, max_r
 
     started = time.perf_counter()
     marker = _marker(RERANKER_VERSION, RERANKER_NOTICE)
-    with _one_thread():
+    with one_thread():
         trainer = _RerankerTrainer(seed)
         trainer.train(steps, 4e-3)
         for round_ in range(max_rounds + 1):

@@ -92,6 +92,8 @@ SCHEMA: dict[str, Any] = {
     "categories": MapOf({"prompt": PROMPT_ACTION, "response": RESPONSE_ACTION}),
     "fail_mode": Enum(("open", "closed")),
     "model_timeout_ms": Number(1, 600_000, integer=True),
+    # The Reasoner: whether the reasoning trace (inside <think>) is moderated too, or only the answer.
+    "moderate_reasoning": bool,
     # Named topics matched against the prompt by the Embedder (cosine similarity to exemplars).
     "topics": MapOf(
         {
@@ -152,6 +154,10 @@ def _validate(node: yaml.Node, schema: Any, path: str, file: str, problems: list
     if schema is str:
         if not isinstance(value, str):
             bad(f"expected text, got {value!r}")
+        return value
+    if schema is bool:
+        if not isinstance(value, bool):
+            bad(f"expected true or false, got {value!r}")
         return value
     if isinstance(schema, Enum):
         text = str(value).strip()
@@ -237,6 +243,7 @@ def compile_policy(name: str, raw: dict[str, Any], source: str = "") -> Policy:
         redact_marker=raw.get("redact_marker", base.redact_marker),
         fail_mode=FailMode(raw.get("fail_mode", base.fail_mode.value)),
         model_timeout_ms=raw.get("model_timeout_ms", base.model_timeout_ms),
+        moderate_reasoning=raw.get("moderate_reasoning", base.moderate_reasoning),
         topics=topics,
         source=source,
         version=hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:12],

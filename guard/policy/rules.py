@@ -9,6 +9,8 @@
 - The response is interrupted at the first token where ``debounce`` consecutive tokens have the
   INTERRUPT action; REDACT tokens are replaced by ``redact_marker`` in what is released.
 - ``fail_mode``: what happens when the model is unavailable or slower than ``model_timeout_ms``.
+- ``moderate_reasoning``: the Reasoner judges a thinking model's reasoning trace as well as its
+  answer (default), or only the answer (Qwen3Guard is less timely on thinking traces).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class Policy:
     redact_marker: str = "[REDACTED]"
     fail_mode: FailMode = FailMode.CLOSED
     model_timeout_ms: int = 2000
+    moderate_reasoning: bool = True  # the Reasoner: judge the reasoning trace too, not only the answer
     topics: tuple[Topic, ...] = ()
     source: str = ""  # file the policy came from
     version: str = ""  # content hash of the effective policy

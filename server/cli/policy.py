@@ -53,6 +53,7 @@ def cmd_policy_explain(args) -> int:
     print(f"release_mode    {p.release_mode.value}")
     print(f"redact_marker   {p.redact_marker!r}")
     print(f"fail_mode       {p.fail_mode.value} after {p.model_timeout_ms} ms")
+    print(f"reasoning       {'moderated' if p.moderate_reasoning else 'not moderated (the answer only)'}")
     for topic in p.topics:
         rule = f"similarity >= {topic.threshold:g}, {len(topic.examples)} examples"
         print(f"topic {topic.name:<16} {topic.action.name:<5} {rule}")

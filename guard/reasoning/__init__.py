@@ -1,0 +1,1 @@
+"""Reasoning: SAE steering, thinking control and the memory agent."""
