@@ -33,7 +33,7 @@ from guard.reasoning.thinking import ANSWER, REASONING, PhaseTracker, ThinkToken
 from guard.session.release import IncrementalDetokenizer, special_token_ids
 from guard.session.response_session import ChunkOutcome, FinalOutcome, ResponseSession
 from guard.text.conversation import Message, parse_messages
-from server.guarded_generation import TOKENIZER_PROBE, GuardedGenerationService
+from server.guarded_generation import MAX_TOKENS, TOKENIZER_PROBE, GuardedGenerationService
 from server.qwen3guard.reasoning.v1 import reasoning_pb2 as pb
 from server.qwen3guard.reasoning.v1 import reasoning_pb2_grpc as pb_grpc
 from server.qwen3guard.v1 import guard_pb2 as gpb
@@ -50,6 +50,7 @@ MAX_KEYWORDS = 64
 
 
 MAX_STEERS = 8  # steers in one request
+MAX_TRIGGER_CHARS = 256  # a trigger is matched on every token: keep it short
 
 
 def trigger_starts(triggered: list, response: list[int], decode: Callable[[list[int]], str]) -> list[int | None]:
@@ -287,11 +288,13 @@ class ReasonerService(pb_grpc.ReasonerServicer):
             direction, label = self._direction(model, s, what)
             which = s.WhichOneof("start")
             if which == "trigger":
-                if not s.trigger:
-                    raise InvalidInput(f"{what}.trigger is empty")
+                if not s.trigger or len(s.trigger) > MAX_TRIGGER_CHARS:
+                    raise InvalidInput(f"{what}.trigger is empty or longer than {MAX_TRIGGER_CHARS} characters")
                 plan.triggered.append(TriggeredSteer(s.trigger, direction, s.alpha, s.tokens))
                 plan.labels.append((label, s.alpha, None, s.tokens))
             else:
+                if s.offset >= MAX_TOKENS:
+                    raise InvalidInput(f"{what}.offset is {s.offset}; a response has at most {MAX_TOKENS} tokens")
                 plan.fixed.append(Steer(direction, s.alpha, s.offset, s.tokens))
                 plan.labels.append((label, s.alpha, s.offset, s.tokens))
         return plan
@@ -513,6 +516,9 @@ class _Reasoning:
                 yield response
             if self._interrupt is not None:
                 interrupt = self._interrupt
+                break
+            if len(self.response) >= sampling.max_tokens:  # no room left to answer
+                finish = "length"
                 break
             segment += 1
             segment_prompt = [*prompt, *self.response]

@@ -148,6 +148,12 @@ async def test_the_thinking_budget_closes_the_reasoning_and_the_model_answers(se
     assert end.usage.answer_tokens == len(answer)
 
 
+async def test_a_budget_that_leaves_no_room_to_answer_ends_with_length(served):
+    responses = await generate(served.address, **ask(0, thinking_budget=8, sampling=gpb.SamplingParams(max_tokens=10)))
+    end = responses[-1].end
+    assert end.finish_reason == "length" and end.thinking_budget_reached and end.usage.answer_tokens <= 1
+
+
 async def test_an_interrupt_in_the_reasoning_ends_the_stream(served):
     responses = await generate(served.address, **ask(0, domain="always_interrupt"))
     reasoning, answer, _, _ = phases(responses)
@@ -221,7 +227,9 @@ async def test_a_triggered_steer_starts_after_its_trigger(served, cases):
         (pb.Steer(feature=3, alpha=1, offset=0, tokens=0), "tokens is 0; it must be in [1, 4096]"),
         (pb.Steer(vector=pb.Vector(values=[1.0, 2.0]), alpha=1, offset=0, tokens=4), "must be 64 finite values"),
         (pb.Steer(alpha=1, offset=0, tokens=4), "names no feature, strategy or vector"),
-        (pb.Steer(feature=3, alpha=1, trigger="", tokens=4), "trigger is empty"),
+        (pb.Steer(feature=3, alpha=1, trigger="", tokens=4), "trigger is empty or longer than 256"),
+        (pb.Steer(feature=3, alpha=1, trigger="x" * 300, tokens=4), "trigger is empty or longer than 256"),
+        (pb.Steer(feature=3, alpha=1, offset=3_000_000_000, tokens=4), "offset is 3000000000; a response has at most"),
     ],
 )
 async def test_bad_steers_are_invalid_argument_by_name(served, steer, message):

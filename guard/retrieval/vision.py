@@ -186,16 +186,21 @@ def load_video(
     if not (video.fps >= 0 and math.isfinite(video.fps)):
         raise InvalidInput(f"{what}.fps is {video.fps}; give a positive rate or 0 for the default")
     fps = video.fps or limits.default_fps
-    frames = [decode_image(data, limits, f"{what}.frames[{i}]") for i, data in enumerate(video.frames)]
     padded = math.ceil(count / temporal) * temporal
-    width, height = frames[0].size
+    first = decode_image(video.frames[0], limits, f"{what}.frames[0]")
+    width, height = first.size
     per_frame = max(
         min(limits.frame_max_pixels, limits.video_max_pixels / padded * temporal), int(limits.frame_min_pixels * 1.05)
     )
     h, w = smart_resize(
         height, width, min_pixels=limits.frame_min_pixels, max_pixels=int(per_frame), factor=patch * merge
     )
-    pixels = np.stack([_resized(frame, h, w) for frame in frames])
+    # one frame at full size at a time: each is resized as soon as it is decoded
+    resized = [_resized(first, h, w)]
+    del first
+    for i, data in enumerate(video.frames[1:], start=1):
+        resized.append(_resized(decode_image(data, limits, f"{what}.frames[{i}]"), h, w))
+    pixels = np.stack(resized)
     if padded > count:
         pixels = np.concatenate([pixels, np.repeat(pixels[-1:], padded - count, axis=0)])
     # the processor's timestamps: each temporal patch at the mean time of its frames
