@@ -460,7 +460,6 @@ class _Reasoning:
         self.raw_reasoning = IncrementalDetokenizer(model.tokenizer)  # unjudged reasoning text
         self.hidden = special_token_ids(model.tokenizer)  # as released text: control tokens stay ids
         self.budget_reached = False
-        self.generated = 0
         self._interrupt: ChunkOutcome | None = None
 
     async def run(
@@ -494,7 +493,6 @@ class _Reasoning:
                         ids = list(delta.token_ids)
                         taken = self.tracker.accept(ids)  # the thinking budget cuts a delta exactly
                         ids, cut = ids[:taken], taken < len(ids)
-                        self.generated += len(ids)
                         async for response in self._push(ids):
                             yield response
                         if self._interrupt is not None:
