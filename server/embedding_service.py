@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import grpc
 import numpy as np
@@ -12,7 +13,7 @@ from guard.errors import InvalidInput
 from guard.policy.topics import TOPIC_INSTRUCTION, EmbedTexts
 from guard.retrieval.embedder import Embedder, EmbedInput, finish
 from guard.retrieval.inputs import Truncation
-from server.media import to_video, vision_limits_message
+from server.media import MediaDecoding, to_video, vision_limits_message
 from server.metrics import Metrics
 from server.qwen3guard.embedding.v1 import embedding_pb2 as pb
 from server.qwen3guard.embedding.v1 import embedding_pb2_grpc as pb_grpc
@@ -62,9 +63,10 @@ def to_input(item: pb.EmbedInput, position: int) -> EmbedInput:
 
 
 class EmbedderService(pb_grpc.EmbedderServicer):
-    def __init__(self, holder: EmbedderHolder, metrics: Metrics) -> None:
+    def __init__(self, holder: EmbedderHolder, metrics: Metrics, media: MediaDecoding) -> None:
         self.holder = holder
         self.counters = RequestCounters(metrics, SERVICE)
+        self.media = media
 
     async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         return await unary(lambda: self._embed(request), context)
@@ -77,7 +79,10 @@ class EmbedderService(pb_grpc.EmbedderServicer):
         received = time.perf_counter()
         model = self.holder.get()
         inputs = [to_input(item, i) for i, item in enumerate(request.inputs)]
-        sequences = model.sequences(inputs, instruction=request.instruction, truncation=truncation(request.truncation))
+        build = partial(
+            model.sequences, inputs, instruction=request.instruction, truncation=truncation(request.truncation)
+        )
+        sequences = await self.media.run(build) if any(i.images or i.videos for i in inputs) else build()
         dimensions = model.check_dimensions(request.dimensions or None)
         normalize = request.normalize if request.HasField("normalize") else model.layout.normalize
         vectors, timing = await gather(model.submit(sequences))

@@ -29,13 +29,14 @@ from guard.session.response_session import ChunkOutcome, FinalOutcome, ResponseS
 from guard.text.conversation import RenderedPrompt, parse_messages
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
-from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode, topic_text
-from server.upstream import Sampling, Upstream, UpstreamError, UpstreamPrompt
+from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode
+from server.upstream import Sampling, Upstream, UpstreamError, UpstreamPrompt, take_finish_reason
 from server.wire import Unavailable, check_token_detail, error_status, fill_chunk
 
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 4096
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # stop strings are matched on every token: keep them few and short
 INPUT_PATHS = ("auto", "token_ids", "text")
 # Special tokens, CJK, emoji, runs of spaces, tabs and code: tokenizers that agree on this agree.
 TOKENIZER_PROBE = "<|im_start|>user\nHello, 世界! 🙂👍🏽  x += 1;\n\tdef f(a):  return a  # done<|im_end|>\n"
@@ -85,7 +86,9 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                     "the upstream's tokenizer is not Qwen3's (text path): send `messages`, not `prompt_token_ids`"
                 )
             stream = runtime.moderator.open(
-                prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy,
+                prompt_ids=rendered.prompt_ids,
+                preamble_ids=rendered.preamble_ids,
+                policy=policy,
                 loop=asyncio.get_running_loop(),
             )
             session = ResponseSession(
@@ -96,8 +99,8 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                 draining=lambda: self.guard.holder.draining,
             )
             request_id = request_id or uuid.uuid4().hex
-            text = lambda: topic_text(runtime, request.messages, request.prompt_token_ids)  # noqa: E731
-            prompt = await session.judge_prompt(self.guard.topic_check(policy, text))
+            topic = self.guard.topic_check(policy, request.messages, request.prompt_token_ids)
+            prompt = await session.judge_prompt(topic)
             self.guard.record_prompt(policy, prompt)
             prompt_msg = prompt_pb(prompt, policy)
             yield pb.GenerateResponse(
@@ -126,7 +129,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
             if session is not None:
                 session.close("ended" if code == grpc.StatusCode.OK else f"ended: {code.name}")
             if request_id:  # a stream that ended early (cancelled) did not take the engine's reason
-                getattr(self.upstream, "finish_reasons", {}).pop(request_id, None)
+                take_finish_reason(self.upstream, request_id)
             if code != grpc.StatusCode.OK:
                 self.guard.metrics.errors.labels(code.name).inc()
         if code != grpc.StatusCode.OK:
@@ -138,6 +141,11 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
             raise InvalidInput(f"sampling.max_tokens must be <= {MAX_TOKENS}, got {params.max_tokens}")
         if params.temperature < 0:
             raise InvalidInput(f"sampling.temperature must be >= 0, got {params.temperature}")
+        if len(params.stop) > MAX_STOP_STRINGS:
+            raise InvalidInput(f"sampling.stop has {len(params.stop)} strings; at most {MAX_STOP_STRINGS}")
+        for i, stop in enumerate(params.stop):
+            if not 0 < len(stop) <= MAX_STOP_CHARS:
+                raise InvalidInput(f"sampling.stop[{i}] is empty or longer than {MAX_STOP_CHARS} characters")
         return Sampling(
             temperature=params.temperature,
             top_p=params.top_p or None,
@@ -352,7 +360,7 @@ class _Generation:
 
     def _upstream_finish_reason(self) -> str:
         """What the engine reported for this request, where the adapter records it (taken once)."""
-        return getattr(self.upstream, "finish_reasons", {}).pop(self.request_id, "")
+        return take_finish_reason(self.upstream, self.request_id)
 
     def _end(self, final: FinalOutcome) -> pb.GenerateResponse:
         """The end of an interrupted generation (the rule fired, or the model failed closed)."""

@@ -1,9 +1,34 @@
-"""``qwen3guard.media.v1`` messages to and from the vision-language models' types."""
+"""``qwen3guard.media.v1`` messages to and from the vision-language models' types, and where
+their pixels are decoded."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
 from guard.retrieval.vision import Content, Video, VisionLimits
 from server.qwen3guard.media.v1 import media_pb2 as pb
+
+T = TypeVar("T")
+
+
+class MediaDecoding:
+    """Images and video frames are decoded and resized on worker threads, at most ``workers`` at
+    once: that work takes milliseconds to seconds per input and must never hold the event loop
+    (every other stream waits on it), and each decode holds its pixels until its batch runs. One
+    instance serves every service that takes media."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"media decoding needs at least one worker, got {workers}")
+        self.workers = workers
+        self._slots = asyncio.Semaphore(workers)
+
+    async def run(self, build: Callable[[], T]) -> T:
+        """``build()`` (decoding its inputs' media) on a worker thread, once a slot is free."""
+        async with self._slots:
+            return await asyncio.to_thread(build)
 
 
 def to_video(video: pb.Video) -> Video:

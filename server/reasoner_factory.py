@@ -11,6 +11,7 @@ from server.reasoning_service import ReasonerModel
 from server.settings import ServeSettings
 
 TEMPLATE_OVERHEAD = 256  # tokens of a memory-agent prompt beyond its chunk and memory (template, question)
+MIN_DOCUMENT_WINDOW = 16  # guard tokens per judged document window
 
 
 def resolve_reasoner_model(spec: str) -> Path:
@@ -61,6 +62,8 @@ def load_reasoner(settings: ServeSettings, upstream: Any, guard_tokenizer: Any) 
         window = s.reasoner_context_window or int(lm.config.max_position_embeddings)
         demo = json.loads((path / "config.json").read_text()).get(DEMO_MARKER)
     memory = MemoryAgentConfig(chunk_tokens=s.reasoner_chunk_tokens, memory_tokens=s.reasoner_memory_tokens)
+    if s.reasoner_document_window < MIN_DOCUMENT_WINDOW:
+        raise ValueError(f"--reasoner-document-window must be at least {MIN_DOCUMENT_WINDOW} tokens")
     needed = memory.chunk_tokens + 2 * memory.memory_tokens + TEMPLATE_OVERHEAD
     if needed > window:
         raise ValueError(
@@ -77,6 +80,7 @@ def load_reasoner(settings: ServeSettings, upstream: Any, guard_tokenizer: Any) 
         sae=sae,
         unembedding=unembedding,
         memory_window=s.reasoner_memory_window or window // 2,
+        document_window=s.reasoner_document_window,
         demo=demo,
         steer_limits=limits,
     )

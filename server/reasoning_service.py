@@ -30,16 +30,16 @@ import grpc
 from guard.errors import FailedPrecondition, InvalidInput
 from guard.policy.rules import FailMode, Policy
 from guard.reasoning.thinking import ANSWER, REASONING, PhaseTracker, ThinkTokens
-from guard.session.release import IncrementalDetokenizer, special_token_ids
-from guard.session.response_session import ChunkOutcome, FinalOutcome, ResponseSession
+from guard.session.release import IncrementalDetokenizer, ReleaseMode, special_token_ids
+from guard.session.response_session import ChunkOutcome, FinalOutcome, PromptOutcome, ResponseSession
 from guard.text.conversation import Message, parse_messages
 from server.guarded_generation import MAX_TOKENS, TOKENIZER_PROBE, GuardedGenerationService
 from server.qwen3guard.reasoning.v1 import reasoning_pb2 as pb
 from server.qwen3guard.reasoning.v1 import reasoning_pb2_grpc as pb_grpc
 from server.qwen3guard.v1 import guard_pb2 as gpb
 from server.retrieval_calls import ModelHolder, NotLoaded
-from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode, topic_text
-from server.upstream import Sampling, UpstreamError, UpstreamPrompt
+from server.stream_guard import StreamGuardService, prompt_pb, requested_release_mode
+from server.upstream import Sampling, UpstreamError, UpstreamPrompt, take_finish_reason
 from server.wire import check_token_detail, error_status, fill_chunk
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,12 @@ DEFAULT_RECALL_TOP_K, DEFAULT_RECALL_MIN_HITS, DEFAULT_RECALL_LIMIT = 10, 2, 100
 MAX_RECALL_TOP_K = 1000
 MAX_KEYWORDS = 64
 
+
+# A document the memory agent reads is judged in windows (``ReasonerModel.document_window`` guard
+# tokens) that overlap by a quarter, up to this many, so that nothing is judged only in pieces; a few
+# windows at once, so the engine batches their prefills.
+DOCUMENT_WINDOW_OVERLAP, DOCUMENT_WINDOWS_AT_ONCE = 128, 4
+DOCUMENT_TEMPLATE_TOKENS = 64  # the chat template around one window and the question
 
 MAX_STEERS = 8  # steers in one request
 MAX_TRIGGER_CHARS = 256  # a trigger is matched on every token: keep it short
@@ -84,12 +90,22 @@ class ReasonerModel:
     sae: Any = None  # guard.reasoning.sae.SparseAutoencoder
     unembedding: Any = None  # the local model's LM head weight (recall)
     memory_window: int = 0  # documents longer than this (tokens) go through the memory agent
+    document_window: int = 2048  # such a document is judged in windows of this many guard tokens
     demo: dict | None = None
     steer_limits: Any = None  # guard.reasoning.steering.SteerLimits
 
     @property
     def can_steer(self) -> bool:
         return bool(getattr(self.backend, "can_steer", False)) and self.sae is not None
+
+
+def check_window(model: ReasonerModel, prompt_tokens: int, max_tokens: int, what: str = "the prompt") -> None:
+    """A request fits the model's context window, prompt and all it may generate (as vLLM checks)."""
+    if prompt_tokens + max_tokens > model.context_window:
+        raise InvalidInput(
+            f"{what} has {prompt_tokens} tokens and up to {max_tokens} may be generated (sampling.max_tokens); "
+            f"together that exceeds the model's context window of {model.context_window} tokens"
+        )
 
 
 class ReasonerHolder(ModelHolder[ReasonerModel]):
@@ -173,9 +189,16 @@ class ReasonerService(pb_grpc.ReasonerServicer):
                 runtime.tokenizer.hf,
                 draining=lambda: self.guard.holder.draining,
             )
-            text = lambda: topic_text(runtime, [m for m in request.messages] or messages, ())  # noqa: E731
-            prompt = await session.judge_prompt(self.guard.topic_check(policy, text))
+            generation_prompt = [*rendered.prompt_ids, *preamble]
+            if not memory_mode:  # the memory agent's answer prompt is checked once it exists
+                check_window(model, len(generation_prompt), sampling.max_tokens)
+            prompt = await session.judge_prompt(self.guard.topic_check(policy, messages))
             self.guard.record_prompt(policy, prompt)
+            blocked_by = ""
+            if memory_mode and not prompt.blocked:  # the document is input too: judged before it is read
+                found = await self._judge_document(model, runtime, policy, request.document.question.strip(), document)
+                if found is not None:
+                    prompt, blocked_by = found
             prompt_msg = prompt_pb(prompt, policy)
             yield pb.GenerateResponse(
                 start=pb.GenerationStart(
@@ -189,10 +212,10 @@ class ReasonerService(pb_grpc.ReasonerServicer):
             if prompt.blocked:
                 self.guard.metrics.reasoner_generations.labels(model.backend.name, "blocked").inc()
                 category = prompt_msg.verdict.category
-                reason = prompt.model_failure or f"prompt blocked by the {policy.name} policy ({category})"
+                what = blocked_by or "prompt"
+                reason = prompt.model_failure or f"{what} blocked by the {policy.name} policy ({category})"
                 yield pb.GenerateResponse(end=pb.GenerationEnd(finish_reason="blocked", stopped=True, reason=reason))
                 return
-            generation_prompt = [*rendered.prompt_ids, *preamble]
             memory_calls = 0
             if memory_mode:
                 async for event in self._read_document(model, agent, request, sampling):
@@ -201,6 +224,7 @@ class ReasonerService(pb_grpc.ReasonerServicer):
                     else:
                         memory_calls += 1
                         yield pb.GenerateResponse(progress=event)
+                check_window(model, len(generation_prompt), sampling.max_tokens)
             reasoning = _Reasoning(
                 self, model, session, policy, request_id, tokens,
                 thinking=thinking, moderate_reasoning=moderate_reasoning,
@@ -243,11 +267,15 @@ class ReasonerService(pb_grpc.ReasonerServicer):
         async def complete(prompt_ids: list[int]) -> str:
             request_id = uuid.uuid4().hex
             step = replace(sampling, max_tokens=max(limit * 2, 16), stop=())
+            check_window(model, len(prompt_ids), step.max_tokens, what="a memory-agent call's prompt")
             text = []
             deltas = model.backend.generate(request_id, UpstreamPrompt(token_ids=tuple(prompt_ids)), step)
-            async with contextlib.aclosing(deltas):
-                async for delta in deltas:
-                    text.append(delta.text)
+            try:
+                async with contextlib.aclosing(deltas):
+                    async for delta in deltas:
+                        text.append(delta.text)
+            finally:
+                take_finish_reason(model.backend, request_id)
             return "".join(text)
 
         async for event in agent.run(request.document.question.strip(), request.document.text, complete):
@@ -260,6 +288,45 @@ class ReasonerService(pb_grpc.ReasonerServicer):
                 )
             elif isinstance(event, Ready):
                 yield list(event.answer_prompt_ids)
+
+    async def _judge_document(
+        self, model: ReasonerModel, runtime, policy: Policy, question: str, document: str
+    ) -> tuple[PromptOutcome, str] | None:
+        """A document read by the memory agent is longer than the guard reads at once: it is judged
+        in overlapping windows, each as a user turn with the question, as the prompt is. The first
+        window the policy blocks (its outcome and which window it was), or None."""
+        hf = runtime.tokenizer.hf
+        question_tokens = len(hf.encode(question, add_special_tokens=False))
+        room = runtime.engine.limits.max_tokens_per_session - question_tokens - DOCUMENT_TEMPLATE_TOKENS
+        size = min(model.document_window, room)
+        overlap = min(DOCUMENT_WINDOW_OVERLAP, size // 4)
+        if size < model.document_window // 2:
+            raise InvalidInput(f"the question has {question_tokens} tokens: too long to judge the document beside it")
+        ids = await asyncio.to_thread(hf.encode, document, add_special_tokens=False, split_special_tokens=True)
+        starts = range(0, max(len(ids) - overlap, 1), size - overlap)
+        loop = asyncio.get_running_loop()
+
+        async def judge(start: int) -> PromptOutcome:
+            text = hf.decode(ids[start : start + size])
+            rendered = runtime.tokenizer.render_prompt([Message("user", f"{text}\n\n{question}")])
+            stream = runtime.moderator.open(
+                prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy, loop=loop
+            )
+            session = ResponseSession(stream, policy, ReleaseMode.HOLD_BACK, hf)
+            try:
+                outcome = await session.judge_prompt()
+            finally:
+                session.close("document window judged")
+            self.guard.record_prompt(policy, outcome)
+            return outcome
+
+        for group in range(0, len(starts), DOCUMENT_WINDOWS_AT_ONCE):  # the engine batches a group's prefills
+            batch = starts[group : group + DOCUMENT_WINDOWS_AT_ONCE]
+            outcomes = await asyncio.gather(*(judge(start) for start in batch))
+            for k, outcome in enumerate(outcomes):
+                if outcome.blocked:
+                    return outcome, f"the document (window {group + k + 1} of {len(starts)})"
+        return None
 
     def _steering(self, model: ReasonerModel, steers) -> _SteerPlan:
         """The request's steers as directions, validated; FAILED_PRECONDITION where the backend
@@ -402,25 +469,6 @@ class _SteerPlan:
     triggered: list = field(default_factory=list)  # guard.reasoning.steering.TriggeredSteer
     labels: list = field(default_factory=list)  # (target, alpha, offset or None, tokens), in request order
 
-    def shifted(self, response: list[int], decode: Callable[[list[int]], str]) -> tuple[list, list]:
-        """The steers of a continuation that starts ``len(response)`` tokens in: steers that began
-        move back (what is over is dropped), triggers that never fired keep looking."""
-        base = len(response)
-        begun = list(self.fixed)
-        waiting = []
-        for steer, start in zip(self.triggered, trigger_starts(self.triggered, response, decode), strict=True):
-            if start is None:
-                waiting.append(steer)
-            else:
-                begun.append(steer.at(start))
-        fixed = []
-        for s in begun:
-            end = s.start + s.tokens
-            if end > base:
-                start = max(s.start - base, 0)
-                fixed.append(replace(s, start=start, tokens=end - base - start))
-        return fixed, waiting
-
 
 class _Reasoning:
     """One guarded reasoning generation: backend deltas in, reasoning and answer deltas out."""
@@ -466,19 +514,22 @@ class _Reasoning:
         self, prompt: list[int], sampling: Sampling, steering: _SteerPlan
     ) -> AsyncIterator[pb.GenerateResponse]:
         self.tracker = PhaseTracker(
-            self.tokens, thinking=self.thinking, prompt_opened=bool(prompt) and prompt[-1] == self.tokens.open_id,
-            budget=self.budget,
-        )  # fmt: skip
-        fixed, triggered = steering.fixed, steering.triggered
-        segment_prompt = list(prompt)
-        segment = 0
+            self.tokens, thinking=self.thinking, prompt_opened=self.tokens.opened_by(prompt), budget=self.budget
+        )
+        # a backend that writes the closing ids itself keeps one pass (KV cache, sampler, steering);
+        # any other is stopped at the budget and asked again with them appended
+        inline = self.budget > 0 and bool(getattr(self.backend, "closes_thinking", False))
+        segment_prompt, segment, finish = list(prompt), 0, "stop"
         interrupt: ChunkOutcome | None = None
         error: UpstreamError | None = None
-        finish = "stop"
         while True:
             request_id = self.request_id if segment == 0 else f"{self.request_id}-{segment}"
+            kwargs: dict[str, Any] = {}
+            if steering.labels:  # only a backend that can steer gets here (and it closes inline)
+                kwargs.update(steers=steering.fixed, triggered=steering.triggered)
+            if inline:
+                kwargs["close_thinking"] = self.tracker.copy()
             left = sampling.max_tokens - len(self.response)
-            kwargs = {"steers": fixed, "triggered": triggered} if steering.labels else {}
             deltas = self.backend.generate(
                 request_id,
                 UpstreamPrompt(token_ids=tuple(segment_prompt)),
@@ -491,26 +542,30 @@ class _Reasoning:
                     async for delta in deltas:
                         finish = delta.finish_reason or finish
                         ids = list(delta.token_ids)
-                        taken = self.tracker.accept(ids)  # the thinking budget cuts a delta exactly
-                        ids, cut = ids[:taken], taken < len(ids)
+                        if inline:  # what follows a spent budget is the backend's closing ids
+                            self.budget_reached = self.budget_reached or (bool(ids) and self.tracker.budget_reached)
+                        else:  # the budget cuts a delta exactly
+                            taken = self.tracker.accept(ids)
+                            ids, cut = ids[:taken], taken < len(ids)
                         async for response in self._push(ids):
                             yield response
                         if self._interrupt is not None:
                             interrupt = self._interrupt
                             break
-                        if cut or self.tracker.budget_reached:
+                        if not inline and (cut or self.tracker.budget_reached):
                             cut = True
                             break
                     if interrupt is not None:
                         await self._abort(request_id)  # then closing the stream ends it everywhere
             except UpstreamError as exc:
                 error = exc
+            finally:
+                take_finish_reason(self.backend, request_id)
             if error is not None or interrupt is not None or not cut or len(self.response) >= sampling.max_tokens:
                 break
             # the thinking budget is spent: close the reasoning and let the model answer
             self.budget_reached = True
-            closing = list(self.tokens.closing_ids)
-            async for response in self._push(closing):
+            async for response in self._push(list(self.tokens.closing_ids)):
                 yield response
             if self._interrupt is not None:
                 interrupt = self._interrupt
@@ -520,7 +575,6 @@ class _Reasoning:
                 break
             segment += 1
             segment_prompt = [*prompt, *self.response]
-            fixed, triggered = steering.shifted(self.response, self.model.tokenizer.decode)
             finish = "stop"
         if error is not None:
             async for response in self._upstream_failed(error):
@@ -531,13 +585,13 @@ class _Reasoning:
             return
         tail = await self.session.resolve(self.session.submit_end())
         if tail is not None:
-            for response in self._released(tail):
+            for response in self._deltas(tail):
                 yield response
         final = self.session.final()
         if final.interrupted:
             yield self._end(final, "interrupted", steering)
             return
-        for response in self._released_final(final):
+        for response in self._deltas(final):
             yield response
         yield self._end(final, finish, steering)
 
@@ -546,6 +600,8 @@ class _Reasoning:
         for phase, run in self.tracker.push(ids):
             if phase == ANSWER and self.answer_start is None:
                 self.answer_start = len(self.response)
+                if self.moderate_reasoning:  # the session holds the whole response: split its releases here
+                    self.session.mark_boundary(self.answer_start)
             self.response += run
             if phase == REASONING and not self.moderate_reasoning:
                 text = self.raw_reasoning.push([i for i in run if i not in self.hidden])
@@ -555,53 +611,37 @@ class _Reasoning:
             if outcome is None:
                 continue
             self.guard.record_chunk(self.policy, outcome)
-            for response in self._released(outcome):
+            for response in self._deltas(outcome):
                 yield response
             if outcome.interrupted:
                 self._interrupt = outcome
                 return
 
-    def _boundary(self) -> int | None:
-        """The first answer position in the session's positions."""
-        if not self.moderate_reasoning:
-            return 0
-        return self.answer_start
-
-    def _split(self, released: int, ids: tuple[int, ...]) -> list[tuple[str, list[int]]]:
-        start = released - len(ids)
-        boundary = self._boundary()
-        if boundary is None or boundary >= released:
-            return [(REASONING, list(ids))]
-        if boundary <= start:
-            return [(ANSWER, list(ids))]
-        cut = boundary - start
-        return [(REASONING, list(ids[:cut])), (ANSWER, list(ids[cut:]))]
-
-    def _released(self, outcome: ChunkOutcome) -> list[pb.GenerateResponse]:
-        parts = [(phase, ids) for phase, ids in self._split(outcome.released, outcome.released_ids) if ids]
+    def _deltas(self, outcome: ChunkOutcome | FinalOutcome) -> list[pb.GenerateResponse]:
+        """What the session released, as reasoning and answer deltas: ids split at the answer's
+        first token, text where the release crossed it (so redaction markers stay where they were
+        put). A chunk's verdict goes on its last delta, or alone when nothing was released."""
+        ids, text = list(outcome.released_ids), outcome.released_text
+        if not self.moderate_reasoning:  # the session sees the answer only
+            parts = [(ANSWER, ids, text)]
+        else:
+            first = outcome.released - len(ids)
+            at = len(ids) if self.answer_start is None else min(max(self.answer_start - first, 0), len(ids))
+            chars = self.session.boundary_chars
+            start_chars = outcome.released_chars - len(text)
+            cut = len(text) if chars is None else min(max(chars - start_chars, 0), len(text))
+            parts = [(REASONING, ids[:at], text[:cut]), (ANSWER, ids[at:], text[cut:])]
+        parts = [part for part in parts if part[1] or part[2]]
+        chunk = isinstance(outcome, ChunkOutcome)
+        if chunk and not parts:  # nothing released: the verdict still goes out (on the phase being judged)
+            parts = [(ANSWER if self.answer_start is not None or not self.moderate_reasoning else REASONING, [], "")]
         responses = []
-        if not parts:  # nothing released: the verdict still goes out (on the phase being judged)
-            phase = REASONING if self._boundary() is None else ANSWER
-            parts = [(phase, [])]
-        for k, (phase, ids) in enumerate(parts):
-            text = outcome.released_text if len(parts) == 1 else self.model.tokenizer.decode(ids)
-            delta = pb.Delta(token_ids=ids, text=text)
-            if k == len(parts) - 1:
+        for k, (phase, part_ids, part_text) in enumerate(parts):
+            delta = pb.Delta(token_ids=part_ids, text=part_text)
+            if chunk and k == len(parts) - 1:
                 fill_chunk(delta.verdict, outcome, False, self.detail)
             responses.append(pb.GenerateResponse(**{phase: delta}))
         return responses
-
-    def _released_final(self, final: FinalOutcome) -> list[pb.GenerateResponse]:
-        parts = [(phase, ids) for phase, ids in self._split(final.released, final.released_ids) if ids]
-        if not parts and final.released_text:
-            parts = [(ANSWER if self._boundary() is not None else REASONING, [])]
-        decode = self.model.tokenizer.decode
-        return [
-            pb.GenerateResponse(
-                **{phase: pb.Delta(token_ids=ids, text=final.released_text if len(parts) == 1 else decode(ids))}
-            )
-            for phase, ids in parts
-        ]
 
     async def _abort(self, request_id: str) -> bool:
         try:
@@ -616,10 +656,10 @@ class _Reasoning:
         if self.policy.fail_mode is FailMode.OPEN:
             tail = await self.session.resolve(self.session.submit_end())
             if tail is not None:
-                for response in self._released(tail):
+                for response in self._deltas(tail):
                     yield response
             final = self.session.final()
-            for response in self._released_final(final):
+            for response in self._deltas(final):
                 yield response
         else:
             final = self.session.withhold(f"backend failed: {exc}; fail closed")
@@ -641,10 +681,11 @@ class _Reasoning:
                 memory_calls=self.memory_calls,
             ),
             thinking_budget_reached=self.budget_reached,
-            released_tokens=final.released,
+            # response positions: unmoderated reasoning went out unjudged, before the session's answer
+            released_tokens=final.released + (0 if self.moderate_reasoning else self.tracker.reasoning_tokens),
         )
         if final.flag_index is not None:
-            end.offset = final.flag_index
+            end.offset = final.flag_index + (0 if self.moderate_reasoning else self.answer_start or 0)
         metrics = self.guard.metrics
         metrics.reasoner_generations.labels(self.backend.name, finish).inc()
         metrics.reasoner_tokens.labels(REASONING).inc(self.tracker.reasoning_tokens)

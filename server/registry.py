@@ -24,6 +24,7 @@ import grpc
 
 if TYPE_CHECKING:
     from guard.policy.loader import PolicyStore
+    from server.media import MediaDecoding
     from server.metrics import Metrics
     from server.settings import ServeSettings
 
@@ -65,6 +66,16 @@ class ServiceContext:
     metrics: Metrics
     policies: PolicyStore
     built: dict[str, HostedService] = field(default_factory=dict)  # services built before this one
+    _media: MediaDecoding | None = None
+
+    @property
+    def media(self) -> MediaDecoding:
+        """Where images and video frames are decoded (one bound for every service that takes media)."""
+        if self._media is None:
+            from server.media import MediaDecoding
+
+            self._media = MediaDecoding(self.settings.vision_decode_workers)
+        return self._media
 
     def option(self, name: str) -> Any:
         """A plug-in option's value (its default when not given)."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import grpc
 
 from guard.errors import InvalidInput
 from guard.retrieval.reranker import Reranker, probability
 from guard.retrieval.vision import Content
-from server.media import to_content, vision_limits_message
+from server.media import MediaDecoding, to_content, vision_limits_message
 from server.metrics import Metrics
 from server.qwen3guard.rerank.v1 import rerank_pb2 as pb
 from server.qwen3guard.rerank.v1 import rerank_pb2_grpc as pb_grpc
@@ -44,9 +45,10 @@ def contents(request: pb.RerankRequest) -> tuple[Content, list[Content]]:
 
 
 class RerankerService(pb_grpc.RerankerServicer):
-    def __init__(self, holder: RerankerHolder, metrics: Metrics) -> None:
+    def __init__(self, holder: RerankerHolder, metrics: Metrics, media: MediaDecoding) -> None:
         self.holder = holder
         self.counters = RequestCounters(metrics, SERVICE)
+        self.media = media
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         return await unary(lambda: self._rerank(request), context)
@@ -59,9 +61,15 @@ class RerankerService(pb_grpc.RerankerServicer):
         received = time.perf_counter()
         model = self.holder.get()
         query, documents = contents(request)
-        sequences = model.sequences(
-            query, documents, instruction=request.instruction, truncation=truncation(request.truncation)
+        build = partial(
+            model.sequences,
+            query,
+            documents,
+            instruction=request.instruction,
+            truncation=truncation(request.truncation),
         )
+        media = query.has_media or any(d.has_media for d in documents)
+        sequences = await self.media.run(build) if media else build()
         raw, timing = await gather(model.submit(sequences))
         scores = raw if request.raw_scores else [probability(r) for r in raw]
         order = sorted(range(len(scores)), key=lambda i: -scores[i])

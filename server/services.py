@@ -149,7 +149,7 @@ def _retrieval(ctx: ServiceContext, service: str) -> HostedService:
 
         proto_name, add = "Reranker", pb_grpc.add_RerankerServicer_to_server
     holder = holder_class()
-    servicer = service_class(holder, ctx.metrics)
+    servicer = service_class(holder, ctx.metrics, ctx.media)
 
     async def load() -> None:
         def build():

@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from guard.retrieval.vision import VisionLimits
 
 
-
 @dataclass(frozen=True)
 class ServeSettings:
     model: str = "demo"  # checkpoint directory or 'demo'
@@ -76,6 +75,7 @@ class ServeSettings:
     vision_max_encoded_bytes: int = 16 * 2**20  # one encoded image or frame
     vision_max_source_pixels: int = 64_000_000  # one decoded image, before resizing (no decompression bombs)
     vision_default_fps: float = 2.0  # a video's frame rate when the request gives none
+    vision_decode_workers: int = 2  # images and videos decoded at once (threads, off the event loop)
     max_message_mb: int = 32  # largest gRPC request (images travel inside requests)
     reasoner: str = ""  # Qwen3 causal LM checkpoint, 'demo', 'upstream' (the vLLM upstream), or '' (off)
     reasoner_sae: str = ""  # SAE directory (sae.safetensors, config.json, features.csv); '' = <reasoner>/sae if any
@@ -83,6 +83,7 @@ class ServeSettings:
     reasoner_memory_window: int = 0  # documents over this many tokens use the memory agent; 0 = window / 2
     reasoner_chunk_tokens: int = 5000  # memory agent: document tokens read per step
     reasoner_memory_tokens: int = 1024  # memory agent: the memory's bound
+    reasoner_document_window: int = 2048  # memory agent: the document is judged in windows of this many tokens
     reasoner_max_alpha: float = 50.0  # steering strength bound (|alpha|)
     reasoner_max_steer_tokens: int = 4096  # steering span bound (T)
     reasoner_max_waiting: int = 8  # local backend: generations waiting their turn (RESOURCE_EXHAUSTED beyond)

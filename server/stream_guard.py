@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -82,12 +82,14 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
         self.policies = policies
         self.topics = topics  # the Embedder's topic matcher; None without the Embedder
 
-    def topic_check(self, policy: Policy, prompt_text: Callable[[], str]) -> Awaitable[TopicMatch | None] | None:
+    def topic_check(
+        self, policy: Policy, messages: Sequence, prompt_token_ids: Sequence[int] = ()
+    ) -> Awaitable[TopicMatch | None] | None:
         """The prompt's topic match for ``judge_prompt`` (any front end), or None when the policy
-        has no topics."""
+        has no topics. ``messages`` (anything with ``role`` and ``content``) or the prompt's ids."""
         if not policy.topics or self.topics is None:
             return None
-        return self.topics.match(policy, prompt_text())
+        return self.topics.match(policy, topic_text(self.holder.ready(), messages, prompt_token_ids))
 
     # ------------------------------------------------------------------------------ Info
 
@@ -151,21 +153,27 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
             policy = self._policy_for(opened)
             stream = self._open(runtime, opened, policy)
             session = ResponseSession(
-                stream, policy, requested_release_mode(opened.release_mode, policy), runtime.tokenizer.hf,
+                stream,
+                policy,
+                requested_release_mode(opened.release_mode, policy),
+                runtime.tokenizer.hf,
                 draining=lambda: self.holder.draining,
             )
             self.metrics.live_sessions.set(runtime.engine.live_sessions)
             log.info(
                 "event=stream_open session=%s request_id=%s domain=%s policy=%s",
-                session.id, request_id, policy.name, policy.version,
+                session.id,
+                request_id,
+                policy.name,
+                policy.version,
             )
             if self.settings.log_content:  # operator opt-in only: the conversation text
                 log.info(
                     "event=stream_prompt session=%s messages=%r",
-                    session.id, [(m.role, m.content) for m in opened.messages],
+                    session.id,
+                    [(m.role, m.content) for m in opened.messages],
                 )
-            text = lambda: topic_text(runtime, opened.messages, opened.prompt_token_ids)  # noqa: E731
-            prompt = await session.judge_prompt(self.topic_check(policy, text))
+            prompt = await session.judge_prompt(self.topic_check(policy, opened.messages, opened.prompt_token_ids))
             self.record_prompt(policy, prompt)
             yield pb.ModerateResponse(prompt=prompt_pb(prompt, policy))
             if prompt.fail_closed:
@@ -290,7 +298,10 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
             self.metrics.topic_matches.labels(policy.name, outcome.topic.topic.name, outcome.action.name).inc()
             log.info(
                 "event=prompt_topic domain=%s topic=%s similarity=%.3f action=%s",
-                policy.name, outcome.topic.topic.name, outcome.topic.similarity, outcome.action.name,
+                policy.name,
+                outcome.topic.topic.name,
+                outcome.topic.similarity,
+                outcome.action.name,
             )
 
     def record_chunk(self, policy: Policy, outcome: ChunkOutcome) -> None:
@@ -353,7 +364,8 @@ def topic_text(runtime: GuardRuntime, messages, prompt_token_ids) -> str:
 def prompt_pb(outcome: PromptOutcome, policy: Policy) -> pb.PromptVerdict:
     if outcome.verdict is None:  # the fail mode decided
         return pb.PromptVerdict(
-            verdict=pb.Verdict(action=ACTION[outcome.action]), reason=outcome.model_failure,
+            verdict=pb.Verdict(action=ACTION[outcome.action]),
+            reason=outcome.model_failure,
             policy_version=policy.version,
         )
     v = outcome.verdict

@@ -78,6 +78,12 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
+def take_finish_reason(upstream: Any, request_id: str) -> str:
+    """What the engine reported for ``request_id``, where the adapter records it (``finish_reasons``),
+    taken out: every caller takes it once its stream ends, so an adapter keeps nothing per request."""
+    return getattr(upstream, "finish_reasons", {}).pop(request_id, "")
+
+
 def render_with(tokenizer: Any, messages: tuple[dict, ...]) -> list[int]:
     """The upstream's own rendering of a conversation, ready for its assistant turn."""
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)

@@ -3,10 +3,15 @@ backend that can steer (the SAE's hook sits on its decoder layer).
 
 It speaks the ``server.upstream.Upstream`` interface, so the Reasoner drives it exactly like the
 vLLM adapters: ``generate`` yields one delta per token; ``abort`` asks the decode loop to stop
-(it ends by itself with finish reason "abort"); closing the generator stops it too. The decode
-loop runs on a worker thread; one generation runs at a time (a steering hook is attached to the
-model itself, so two generations must not share it), and at most ``max_waiting`` more wait their
-turn (RESOURCE_EXHAUSTED beyond).
+(it ends by itself with finish reason "abort"); closing the generator stops it too. Stop strings
+behave as in vLLM (``guard.text.stop_strings``). A thinking budget is applied inside the decode
+loop (``close_thinking``): the closing ids are written into the response in the same pass, so the
+KV cache, the sampler and the steering positions carry on unchanged.
+
+The decode loop runs on a worker thread; one generation runs at a time (a steering hook is
+attached to the model itself, so two generations must not share it), and at most ``max_waiting``
+more wait their turn (RESOURCE_EXHAUSTED beyond). The turn passes on only when the worker thread
+has finished, however the consumer went away.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from guard.errors import LimitExceeded
+from guard.reasoning.thinking import BudgetCloser, PhaseTracker
 from guard.session.release import IncrementalDetokenizer
+from guard.text.stop_strings import StopStrings
 from server.upstream import Sampling, UpstreamDelta, UpstreamPrompt
 
 _DONE = object()
@@ -26,6 +33,7 @@ _DONE = object()
 class LocalUpstream:
     name = "local"
     can_steer = True
+    closes_thinking = True  # takes ``close_thinking``: the budget is applied in the decode loop
 
     def __init__(self, lm: Any, *, layer: int | None = None, limits: Any = None, max_waiting: int = 8) -> None:
         """``layer``: the SAE's decoder layer (where steers act); ``limits``: the steering bounds."""
@@ -36,7 +44,6 @@ class LocalUpstream:
         self._turn = asyncio.Lock()
         self._waiting = 0
         self._stops: dict[str, threading.Event] = {}
-        self.finish_reasons: dict[str, str] = {}
 
     async def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
@@ -60,7 +67,10 @@ class LocalUpstream:
         *,
         steers: Sequence[Any] = (),
         triggered: Sequence[Any] = (),
+        close_thinking: PhaseTracker | None = None,
     ) -> AsyncIterator[UpstreamDelta]:
+        """``close_thinking``: a tracker in the state the prompt leaves (its budget set); the
+        closing ids go in when the budget is spent."""
         if not prompt.token_ids:
             raise ValueError("the local backend takes token ids")
         if self._waiting >= self.max_waiting:
@@ -72,36 +82,25 @@ class LocalUpstream:
             await self._turn.acquire()
         finally:
             self._waiting -= 1
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()  # bounded by sampling.max_tokens (one item per token)
-        stop = threading.Event()
-        self._stops[request_id] = stop
+        try:
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue = asyncio.Queue()  # bounded by sampling.max_tokens (one item per token)
+            stop = threading.Event()
+            self._stops[request_id] = stop
+            worker = asyncio.ensure_future(asyncio.to_thread(self._run, prompt, sampling, steers, triggered,
+                                                             close_thinking, stop, loop, queue))  # fmt: skip
+        except BaseException:
+            self._turn.release()
+            raise
+        worker.add_done_callback(lambda _: self._turn.release())  # only once the thread is done
         stop_ids = tuple(self.lm.stop_ids)
         detokenizer = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStrings(sampling.stop)
 
-        def run() -> None:
-            try:
-                for token in self.lm.generate(
-                    list(prompt.token_ids),
-                    max_tokens=sampling.max_tokens,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    seed=sampling.seed,
-                    steers=steers,
-                    triggered=triggered,
-                    layer=self.layer if steers or triggered else None,
-                    limits=self.limits,
-                    stop_ids=stop_ids,
-                    should_stop=stop.is_set,
-                ):
-                    loop.call_soon_threadsafe(queue.put_nowait, token)
-                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
-            except Exception as exc:  # the worker never dies silently: the stream gets the error
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+        def tail() -> str:  # the end: what the detokenizer and the stop strings still hold
+            text = stops.push(detokenizer.flush())
+            return text if stops.stopped else text + stops.flush()
 
-        worker = asyncio.ensure_future(asyncio.to_thread(run))
-        produced = 0
-        last: int | None = None
         try:
             while True:
                 item = await queue.get()
@@ -109,18 +108,39 @@ class LocalUpstream:
                     break
                 if isinstance(item, Exception):
                     raise item
-                produced += 1
-                last = item
-                finish = None
-                if last in stop_ids:
-                    finish = "stop"
-                yield UpstreamDelta([item], detokenizer.push([item]), finish)
-            reason = "abort" if stop.is_set() else ("stop" if last in stop_ids else "length")
-            self.finish_reasons[request_id] = reason
-            if reason != "stop":
-                yield UpstreamDelta([], "", reason)
+                text = stops.push(detokenizer.push([item]))
+                if stops.stopped or item in stop_ids:
+                    stop.set()
+                    yield UpstreamDelta([item], text if stops.stopped else text + tail(), "stop")
+                    return
+                yield UpstreamDelta([item], text, None)
+            yield UpstreamDelta([], tail(), "abort" if stop.is_set() else "length")
         finally:
             stop.set()
-            await asyncio.gather(worker, return_exceptions=True)
             self._stops.pop(request_id, None)
-            self._turn.release()
+            await asyncio.shield(asyncio.gather(worker, return_exceptions=True))
+
+    def _run(self, prompt, sampling, steers, triggered, close_thinking, stop, loop, queue) -> None:
+        """The decode loop (worker thread): every token onto the loop's queue, then _DONE or the error."""
+        closer = BudgetCloser(close_thinking) if close_thinking is not None else None
+        try:
+            for token in self.lm.generate(
+                list(prompt.token_ids),
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                steers=steers,
+                triggered=triggered,
+                layer=self.layer if steers or triggered else None,
+                limits=self.limits,
+                stop_ids=tuple(self.lm.stop_ids),
+                should_stop=stop.is_set,
+                inject=closer.inject if closer is not None else None,
+            ):
+                if closer is not None:
+                    closer.observe(token)
+                loop.call_soon_threadsafe(queue.put_nowait, token)
+            loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+        except Exception as exc:  # the worker never dies silently: the stream gets the error
+            loop.call_soon_threadsafe(queue.put_nowait, exc)

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from servers import ScriptedVllm, running_sidecar
 
+from guard.demo.corpus import SAFE_SENTENCES, UNSAFE_PROMPTS
 from guard.demo.reasoner_model import SHOWCASE, STRATEGY_FEATURES, demo_reasoner_dir, showcase_cases
 from guard.reasoning.thinking import CLOSING_TEXT
 from server.qwen3guard.reasoning.v1 import reasoning_pb2 as pb
@@ -27,6 +28,11 @@ POLICIES = {
     "always_interrupt.yaml": (
         "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\n"
         "categories:\n  Jailbreak:\n    prompt: ALLOW\n"
+    ),
+    # every response token redacted (nothing interrupts)
+    "redact_all.yaml": (
+        "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\nresponse:\n  unsafe: REDACT\n"
+        "categories:\n  Jailbreak:\n    prompt: ALLOW\nredact_marker: '[X]'\n"
     ),
     "answer_only.yaml": "extends: permissive\nmoderate_reasoning: false\n",
     "answer_only_interrupt.yaml": "extends: always_interrupt\nmoderate_reasoning: false\n",
@@ -54,9 +60,11 @@ def served(demo_dir, reasoner_dir, policy_dir):
         judge="",
         policies=str(policy_dir),
         reasoner=str(reasoner_dir),
+        reasoner_context_window=1024,
         reasoner_chunk_tokens=32,
         reasoner_memory_tokens=16,
         reasoner_memory_window=64,
+        reasoner_document_window=16,  # the demo guard only judges short prompts well
     ) as running:
         yield running
 
@@ -86,6 +94,14 @@ def generated(responses) -> list[int]:
     return reasoning + answer
 
 
+def answer_start(tokenizer, response: list[int]) -> int:
+    """Where the answer starts: after ``</think>`` and the line breaks that close the block."""
+    cut = response.index(tokenizer.convert_tokens_to_ids("</think>")) + 1
+    while tokenizer.decode(response[cut : cut + 1]).strip() == "":
+        cut += 1
+    return cut
+
+
 def phases(responses) -> tuple[list[int], list[int], list[pb.Delta], list[pb.Delta]]:
     reasoning = [r.reasoning for r in responses if r.WhichOneof("event") == "reasoning"]
     answer = [r.answer for r in responses if r.WhichOneof("event") == "answer"]
@@ -110,8 +126,7 @@ async def test_reasoning_then_answer_each_judged(served, cases):
         responses = await generate(served.address, **ask(index))
         reasoning, answer, r_deltas, a_deltas = phases(responses)
         expected = by_case[(index, True)].response_ids
-        close = tokenizer.convert_tokens_to_ids("</think>")
-        cut = expected.index(close) + 1
+        cut = answer_start(tokenizer, expected)
         assert reasoning + answer == expected, tokenizer.decode(reasoning + answer)
         assert reasoning == expected[:cut] and answer == expected[cut:]
         assert all(d.HasField("verdict") for d in r_deltas + a_deltas)  # the policy moderates the reasoning
@@ -139,12 +154,11 @@ async def test_the_thinking_budget_closes_the_reasoning_and_the_model_answers(se
     budget = 7
     responses = await generate(served.address, **ask(0, thinking_budget=budget))
     reasoning, answer, _, _ = phases(responses)
-    closing = tokenizer.encode(CLOSING_TEXT, add_special_tokens=False)
-    closed = closing.index(tokenizer.convert_tokens_to_ids("</think>")) + 1  # "\n</think>" | "\n\n"
-    assert reasoning == by_case[(0, True)].response_ids[:budget] + closing[:closed]
-    assert answer[: len(closing) - closed] == closing[closed:] and len(answer) > len(closing) - closed
+    closing = tokenizer.encode(CLOSING_TEXT, add_special_tokens=False)  # "\n</think>\n\n": all reasoning
+    assert reasoning == by_case[(0, True)].response_ids[:budget] + closing
+    assert answer and answer[0] not in closing
     end = responses[-1].end
-    assert end.thinking_budget_reached and end.usage.reasoning_tokens == budget + closed
+    assert end.thinking_budget_reached and end.usage.reasoning_tokens == budget + len(closing)
     assert end.usage.answer_tokens == len(answer)
 
 
@@ -173,10 +187,33 @@ async def test_unmoderated_reasoning_streams_unjudged_and_the_answer_is_still_gu
     assert not any(d.HasField("verdict") for d in r_deltas)
     assert "".join(d.text for d in r_deltas).strip() == SHOWCASE[2][1]  # as released text: no <think> tags
     end = responses[-1].end
-    assert end.finish_reason == "interrupted" and end.offset == 1  # the answer's second token
-    assert len(answer) <= 1
+    assert end.finish_reason == "interrupted" and end.offset == len(reasoning) + 1  # the answer's second token
+    assert len(answer) <= 1 and end.released_tokens == len(reasoning) + len(answer)
     calm = await generate(served.address, **ask(2, domain="answer_only"))
     assert phases(calm)[0] + phases(calm)[1] == expected
+
+
+async def test_a_redacted_release_across_the_answer_boundary_keeps_its_markers(served, cases):
+    """Every token redacted: the whole response is released at its end, reasoning and answer in
+    one release; each part shows the marker and nothing of the text."""
+    _, by_case = cases
+    responses = await generate(served.address, **ask(1, domain="redact_all"))
+    reasoning, answer, r_deltas, a_deltas = phases(responses)
+    assert reasoning + answer == by_case[(1, True)].response_ids and reasoning and answer
+    assert "".join(d.text for d in r_deltas) == "[X]" and "".join(d.text for d in a_deltas) == "[X]"
+    end = responses[-1].end
+    assert end.finish_reason == "stop" and end.released_tokens == len(reasoning) + len(answer)
+
+
+async def test_stop_strings_end_the_local_generation(served, cases):
+    tokenizer, by_case = cases
+    expected = by_case[(0, True)].response_ids
+    stop = SHOWCASE[0][1].split()[2]  # a word of the reasoning
+    responses = await generate(served.address, **ask(0, sampling=gpb.SamplingParams(max_tokens=120, stop=[stop])))
+    response = generated(responses)
+    assert response == expected[: len(response)] and len(response) < len(expected)
+    assert stop in tokenizer.decode(response) and stop not in tokenizer.decode(response[:-1])  # ends at it
+    assert responses[-1].end.finish_reason == "stop"
 
 
 # ---------------------------------------------------------------------- steering
@@ -199,6 +236,57 @@ async def test_steering_alpha_zero_changes_nothing_and_a_strong_steer_does(serve
     assert (
         report.target == f"feature {STRATEGY_FEATURES['backtracking'][0]}" and report.start == 5 and report.tokens == 40
     )
+
+
+def steered_predictions(reasoner_dir: Path, sequence: list[int], first: int, feature: int, alpha: float):
+    """Greedy next tokens of one full forward over ``sequence`` with ``alpha`` times the feature's
+    unit decoder direction added at positions ``first`` onwards, on the SAE's layer (a hook written
+    here, independent of the service's steering code)."""
+    import torch
+
+    from guard.reasoning.local_lm import LocalCausalLM
+    from guard.reasoning.sae import SparseAutoencoder
+
+    lm = LocalCausalLM(reasoner_dir)
+    sae = SparseAutoencoder.load(reasoner_dir / "sae")
+    direction = sae.W_dec[feature].float() / sae.W_dec[feature].float().norm()
+
+    def add(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = hidden.clone()
+        hidden[:, first:] += alpha * direction
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = lm.model.model.layers[sae.layer].register_forward_hook(add)
+    try:
+        with torch.inference_mode():
+            logits = lm.model(input_ids=torch.tensor([sequence])).logits[0]
+    finally:
+        handle.remove()
+    return logits.argmax(-1).tolist()
+
+
+async def test_a_budget_closed_in_the_decode_loop_keeps_the_steering_before_it(served, cases, reasoner_dir):
+    """Steered from the first response token with a thinking budget: the whole response is what
+    ONE steered pass predicts at every generated position (the closing ids were written in the
+    same pass), not what a continuation re-reading the earlier positions unsteered would give."""
+    tokenizer, by_case = cases
+    prompt = by_case[(0, True)].prompt_ids
+    feature, alpha, budget = STRATEGY_FEATURES["backtracking"][0], 8.0, 8
+    steer = pb.Steer(feature=feature, alpha=alpha, offset=0, tokens=4096)
+    responses = await generate(served.address, **ask(0, thinking_budget=budget, steer=[steer]))
+    response = generated(responses)
+    closing = tokenizer.encode(CLOSING_TEXT, add_special_tokens=False)
+    assert responses[-1].end.thinking_budget_reached and response[budget : budget + len(closing)] == closing
+    written = [k for k in range(len(response)) if not budget <= k < budget + len(closing)]
+    after = range(budget + len(closing), len(response) - 1)
+    assert len(after) > 3
+    one_pass = steered_predictions(reasoner_dir, prompt + response, len(prompt), feature, alpha)
+    assert [one_pass[len(prompt) - 1 + k] for k in written] == [response[k] for k in written]
+    # the continuation's view: the positions before the budget re-read without the steer
+    resumed = len(prompt) + budget + len(closing)
+    continued = steered_predictions(reasoner_dir, prompt + response, resumed, feature, alpha)
+    assert [continued[len(prompt) - 1 + k] for k in after] != [response[k] for k in after]
 
 
 async def test_a_triggered_steer_starts_after_its_trigger(served, cases):
@@ -286,6 +374,33 @@ async def test_a_long_document_is_read_by_the_memory_agent_then_answered(served,
     assert not short[0].start.memory_agent and not any(r.WhichOneof("event") == "progress" for r in short)
 
 
+async def test_a_document_is_judged_before_the_memory_agent_reads_it(served, guard_tokenizer):
+    """An unsafe request deep in a document longer than the guard's window: a later window blocks
+    it, and the memory agent never starts. (The demo guard only recognises the request near the
+    start of a short prompt, so the document puts it at a window's start: windows of 16 tokens
+    overlap by a quarter, one starts every 12.)"""
+    hf = guard_tokenizer.hf
+    filler = " ".join(SAFE_SENTENCES)
+    while len(hf.encode(filler, add_special_tokens=False)) % 12:
+        filler += " ok"
+    document = f"{filler} {UNSAFE_PROMPTS[0][0]} {filler}"
+    question = "What does the document say?"
+    responses = await generate(
+        served.address, domain="default", document=pb.Document(text=document, question=question),
+        sampling=gpb.SamplingParams(max_tokens=20),
+    )  # fmt: skip
+    assert responses[0].start.memory_agent and responses[0].start.prompt.verdict.action == gpb.BLOCK
+    assert not any(r.WhichOneof("event") == "progress" for r in responses)  # nothing was read
+    end = responses[-1].end
+    assert end.finish_reason == "blocked" and "the document (window" in end.reason
+    assert "(window 1 of" not in end.reason
+    calm = await generate(
+        served.address, domain="default", document=pb.Document(text=f"{filler} {filler}", question=question),
+        sampling=gpb.SamplingParams(max_tokens=8),
+    )  # fmt: skip
+    assert calm[0].start.memory_agent and calm[-1].end.finish_reason != "blocked"
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
@@ -295,6 +410,14 @@ async def test_a_long_document_is_read_by_the_memory_agent_then_answered(served,
             "not both",
         ),
         (dict(messages=[gpb.ChatMessage(role="assistant", content="hi")]), "must end with a user turn"),
+        (
+            dict(messages=[gpb.ChatMessage(role="user", content="hi")], sampling=gpb.SamplingParams(max_tokens=1020)),
+            "exceeds the model's context window of 1024 tokens",
+        ),
+        (
+            dict(messages=[gpb.ChatMessage(role="user", content="hi")], sampling=gpb.SamplingParams(stop=["a"] * 17)),
+            "sampling.stop has 17 strings; at most 16",
+        ),
     ],
 )
 async def test_bad_requests_are_invalid_argument(served, fields, message):
@@ -374,10 +497,8 @@ async def test_the_upstream_backend_reasons_budgets_and_aborts_but_cannot_steer(
     budgeted = await generate(running.address, **ask(0, thinking_budget=5))
     reasoning, answer, _, _ = phases(budgeted)
     closing = tokenizer.encode(CLOSING_TEXT, add_special_tokens=False)
-    closed = closing.index(tokenizer.convert_tokens_to_ids("</think>")) + 1
-    assert reasoning == expected[:5] + closing[:closed]
-    assert answer[: len(closing) - closed] == closing[closed:]
-    assert answer[len(closing) - closed :] == expected[: len(answer) - len(closing) + closed]  # all answer now
+    assert reasoning == expected[:5] + closing
+    assert answer == expected[: len(answer)]  # the scripted server replays its response: all answer now
     assert upstream.requests - before == 2  # the first request was stopped and continued once
     assert budgeted[-1].end.thinking_budget_reached
 

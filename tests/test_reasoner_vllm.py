@@ -125,13 +125,14 @@ async def test_the_thinking_response_arrives_split_and_whole(reasoner, expected)
     assert responses[0].start.backend == {"http": "vllm-http", "grpc": "vllm-grpc", "async-llm": "async-llm"}[adapter]
     reasoning, answer = split(responses)
     close = tokenizer.convert_tokens_to_ids("</think>")
-    assert reasoning + answer == ids[0] and reasoning[-1] == close
+    assert reasoning + answer == ids[0] and close in reasoning
+    assert tokenizer.decode(reasoning[reasoning.index(close) + 1 :]).strip() == ""  # the block's line breaks
     assert tokenizer.decode(answer).strip().removesuffix("<|im_end|>") == SHOWCASE[0][2]
     assert responses[-1].end.finish_reason == "stop"
 
 
 async def test_a_thinking_budget_through_vllm(reasoner, expected):
-    _, running = reasoner
+    adapter, running = reasoner
     tokenizer, ids = expected
     budget = 6
     responses = await generate(
@@ -140,11 +141,11 @@ async def test_a_thinking_budget_through_vllm(reasoner, expected):
     )  # fmt: skip
     reasoning, answer = split(responses)
     closing = tokenizer.encode(CLOSING_TEXT, add_special_tokens=False)
-    closed = closing.index(tokenizer.convert_tokens_to_ids("</think>")) + 1
-    assert reasoning == ids[3][:budget] + closing[:closed]
-    assert answer[: len(closing) - closed] == closing[closed:] and len(answer) > len(closing) - closed
+    assert reasoning == ids[3][:budget] + closing and answer and tokenizer.decode(answer[:1]).strip()
     end = responses[-1].end
-    assert end.thinking_budget_reached and end.usage.reasoning_tokens == budget + closed
+    assert end.thinking_budget_reached and end.usage.reasoning_tokens == budget + len(closing)
+    if adapter == "grpc":  # both requests' finish reasons were taken: the adapter keeps nothing per request
+        assert not running.sidecar.upstream.finish_reasons
 
 
 async def test_the_memory_agent_end_to_end_against_vllm(vllm_targets):

@@ -252,6 +252,55 @@ def test_rerank_scores_are_p_yes_of_the_language_model_head(vl_dir, reranker):
     np.testing.assert_allclose(raw, alone, atol=1e-5)
 
 
+def test_a_reranker_query_is_decoded_once_for_all_its_documents(reranker, monkeypatch):
+    import guard.retrieval.vl_prompt as vl_prompt
+
+    decoded: list[str] = []
+    real = vl_prompt.load_content
+
+    def counting(content, limits, what, **kwargs):
+        decoded.append(what)
+        return real(content, limits, what, **kwargs)
+
+    monkeypatch.setattr(vl_prompt, "load_content", counting)
+    query = Content("boats", images=(encoded(70),))
+    reranker.sequences(query, [Content("a boat"), Content("", images=(encoded(71),)), Content("a dock")])
+    assert decoded == ["query", "documents[0]", "documents[1]", "documents[2]"]
+
+
+async def test_media_is_decoded_on_worker_threads_at_most_workers_at_once():
+    import asyncio
+    import threading
+
+    from server.media import MediaDecoding
+
+    decoding = MediaDecoding(2)
+    lock, release = threading.Lock(), threading.Event()
+    running, peak, threads = 0, 0, []
+
+    def build() -> str:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.append(threading.current_thread())
+        release.wait(60)
+        with lock:
+            running -= 1
+        return "built"
+
+    tasks = [asyncio.ensure_future(decoding.run(build)) for _ in range(5)]
+    while True:  # two start; the other three wait for a slot
+        with lock:
+            if running == 2:
+                break
+        await asyncio.sleep(0.01)
+    assert decoding._slots.locked() and not any(t.done() for t in tasks)
+    release.set()
+    assert await asyncio.gather(*tasks) == ["built"] * 5
+    assert peak == 2 and threading.main_thread() not in threads and len(threads) == 5
+
+
 # ---------------------------------------------------------------------- limits
 
 

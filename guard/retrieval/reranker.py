@@ -193,9 +193,12 @@ class Reranker(BatchedSequences[float]):
         query = query if isinstance(query, Content) else Content(query)
         contents = [d if isinstance(d, Content) else Content(d) for d in documents]
         if self.vision is not None:
+            if not query.text.strip() and not query.has_media:
+                raise InvalidInput("the query is empty: give text, images or videos")
+            prepared = self.vision.prepare(query, "query")  # its media decoded once for every document
             return [
                 self.vision.rerank(  # type: ignore[misc]
-                    query,
+                    prepared,
                     doc,
                     instruction=instruction or self.default_instruction,
                     truncation=truncation,

@@ -113,6 +113,15 @@ def with_period(instruction: str) -> str:
     return instruction
 
 
+@dataclass(frozen=True)
+class PreparedContent:
+    """A content with its media decoded (``VisionPrompt.prepare``)."""
+
+    content: Content
+    parts: list[dict[str, Any]]
+    visuals: list[Visual]
+
+
 class VisionPrompt:
     """Renders contents through the checkpoint's chat template into ``MultimodalSequence``s."""
 
@@ -143,30 +152,29 @@ class VisionPrompt:
 
     # ------------------------------------------------------------------ conversations
 
-    def _parts(self, content: Content, what: str, visuals: list[Visual]) -> list[dict[str, Any]]:
-        """The user-turn items of one content (videos, images, text; "NULL" when empty, as the
-        official code), appending its decoded visuals in the same order."""
+    def prepare(self, content: Content, what: str) -> PreparedContent:
+        """One content decoded: its user-turn items (videos, images, text; "NULL" when empty, as
+        the official code) and its visuals in the same order. A reranker query is prepared once
+        and paired with every document."""
         spec = self.spec
         videos, images = load_content(
             content, self.limits, what, patch=spec.patch, merge=spec.merge, temporal=spec.temporal
         )
-        visuals.extend(videos)
-        visuals.extend(images)
         parts: list[dict[str, Any]] = [{"type": "video", "video": ""} for _ in videos]
         parts += [{"type": "image", "image": ""} for _ in images]
         if content.text:
             parts.append({"type": "text", "text": content.text})
         if not parts:
             parts.append({"type": "text", "text": "NULL"})
-        return parts
+        return PreparedContent(content, parts, [*videos, *images])
 
     def embedding(
         self, content: Content, *, instruction: str, truncation: Truncation, max_length: int, what: str
     ) -> MultimodalSequence:
-        visuals: list[Visual] = []
         if not content.text.strip() and not content.has_media:
             raise InvalidInput(f"{what} is empty: give text, images or videos")
-        parts = self._parts(content, what, visuals)
+        prepared = self.prepare(content, what)
+        parts, visuals = prepared.parts, list(prepared.visuals)
         system = with_period(instruction) or DEFAULT_VL_EMBED_INSTRUCTION
 
         def messages(text: str) -> list[dict[str, Any]]:
@@ -179,15 +187,24 @@ class VisionPrompt:
         return self._fit(messages, content.text, visuals, truncation, max_length, what)
 
     def rerank(
-        self, query: Content, document: Content, *, instruction: str, truncation: Truncation, max_length: int, what: str
+        self,
+        query: Content | PreparedContent,
+        document: Content,
+        *,
+        instruction: str,
+        truncation: Truncation,
+        max_length: int,
+        what: str,
     ) -> MultimodalSequence:
-        if not query.text.strip() and not query.has_media:
-            raise InvalidInput("the query is empty: give text, images or videos")
+        if isinstance(query, Content):
+            if not query.text.strip() and not query.has_media:
+                raise InvalidInput("the query is empty: give text, images or videos")
+            query = self.prepare(query, "query")
         if not document.text.strip() and not document.has_media:
             raise InvalidInput(f"{what} is empty: give text, images or videos")
-        visuals: list[Visual] = []
-        query_parts = self._parts(query, "query", visuals)
-        doc_parts = self._parts(document, what, visuals)
+        prepared = self.prepare(document, what)
+        query_parts, doc_parts = query.parts, prepared.parts
+        visuals = [*query.visuals, *prepared.visuals]
         head = [{"type": "text", "text": "<Instruct>: " + (instruction or DEFAULT_VL_RERANK_INSTRUCTION)}]
 
         def messages(doc_text: str) -> list[dict[str, Any]]:

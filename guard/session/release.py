@@ -84,6 +84,16 @@ class ReleaseTracker:
         self.spans: list[tuple[int, int]] = []  # completed redaction spans, drained by the caller
         self.released = 0
         self.released_chars = 0
+        self._boundary: int | None = None
+        self.boundary_chars: int | None = None  # released characters before the boundary, once crossed
+
+    def set_boundary(self, index: int) -> None:
+        """Split releases at response token ``index`` (a reasoning trace's end, where the answer
+        starts): ``boundary_chars`` then says how much of the released text comes before it, so a
+        caller can tell the two parts apart in text that may hold redaction markers."""
+        if self._boundary is not None:
+            raise RuntimeError("the release boundary is already set")
+        self._boundary = index
 
     def received_text(self) -> str:
         """The whole response received so far (for operator-enabled content logging only)."""
@@ -158,6 +168,12 @@ class ReleaseTracker:
         return text + tail
 
     def _release_to(self, upto: int, text: str | None) -> str:
+        boundary = self._boundary
+        if text is None and boundary is not None and self.boundary_chars is None and upto > boundary:
+            head = self._release_to(boundary, None)
+            self.boundary_chars = self.released_chars
+            self._in_redaction = False  # a redaction across the boundary is marked in both parts
+            return head + self._release_to(upto, None)
         if text is not None:  # OPTIMISTIC text streams echo their text, even before it has ids
             self.released = max(self.released, upto)
             self.released_chars += len(text)

@@ -172,6 +172,17 @@ class ResponseSession:
     def flag_index(self) -> int | None:
         return self.stream.flag_index
 
+    def mark_boundary(self, index: int) -> None:
+        """Response token ``index`` starts a new part (the answer after a reasoning trace); see
+        ``boundary_chars``."""
+        self.release.set_boundary(index)
+
+    @property
+    def boundary_chars(self) -> int | None:
+        """Released characters before the marked boundary, once a release has reached it (None
+        before): text released across the boundary splits there."""
+        return self.release.boundary_chars
+
     def close(self, reason: str = "closed") -> None:
         """Free the engine session (idempotent); every front end calls it in ``finally``."""
         self.stream.close(reason)
@@ -390,7 +401,12 @@ class ResponseSession:
             spans = tuple(release.drain_spans())
             if state.failure:
                 return FinalOutcome(
-                    True, state.failure, state.judged, release.released, release.released_chars, redactions=spans,
+                    True,
+                    state.failure,
+                    state.judged,
+                    release.released,
+                    release.released_chars,
+                    redactions=spans,
                     withheld=withheld,
                 )
             index = self.stream.flag_index
@@ -423,8 +439,13 @@ class ResponseSession:
         state, release = self._state, self.release
         state.ended = state.interrupted = True
         return FinalOutcome(
-            True, reason, state.judged, release.released, release.released_chars,
-            redactions=tuple(release.drain_spans()), withheld=release.received - release.released,
+            True,
+            reason,
+            state.judged,
+            release.released,
+            release.released_chars,
+            redactions=tuple(release.drain_spans()),
+            withheld=release.received - release.released,
         )
 
 
