@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner profile-service load-test deploy-policies deploy-render clean
+.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(BIN)/.installed
 
 ## Run the sidecar (gRPC :50051, metrics :9464) with the built-in demo models; Ctrl-C drains and stops.
 serve: install
-	$(BIN)/guard serve --model demo --embedder demo --reranker demo --reasoner demo
+	$(BIN)/guard serve --model demo --embedder demo --reranker demo --reasoner demo --parscale demo
 
 ## Build the demo model (cached) and moderate the showcase conversations.
 demo: install
@@ -65,6 +65,13 @@ bench-retrieval: install
 
 bench-reasoner: install
 	$(BIN)/python benchmarks/reasoner_bench.py --json benchmarks/results/reasoner-cpu.json
+
+## ParScale decoding against P = 1, 2, 4, 8 at batch 1 and 8 (demo shape and the 1.8B shape).
+bench-parscale: install
+	$(BIN)/python benchmarks/parscale_bench.py --shape demo --tokens 16 --repeat 3 \
+	  --json benchmarks/results/parscale-demo-cpu.json
+	$(BIN)/python benchmarks/parscale_bench.py --shape 1.8B --tokens 4 --prompt-tokens 8 --repeat 1 \
+	  --json benchmarks/results/parscale-1.8B-cpu.json
 
 ## Where the sidecar's time goes at 16 streams x 8 tokens (py-spy, from the bench extra).
 profile-service: install

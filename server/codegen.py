@@ -24,6 +24,7 @@ PROTO_FILES = (
     "qwen3guard/rerank/v1/rerank.proto",
     "qwen3guard/media/v1/media.proto",
     "qwen3guard/reasoning/v1/reasoning.proto",
+    "qwen3guard/parscale/v1/parscale.proto",
 )
 PACKAGE_PREFIX = "server."
 

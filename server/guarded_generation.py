@@ -222,6 +222,10 @@ class _Generation:
                 ids, text = [], ""
                 item = await queue.get()
                 while True:
+                    if isinstance(item, Exception) and not isinstance(item, UpstreamError):
+                        if not self.progress.generated:
+                            raise item  # the request itself was refused (a limit, bad input): its own status
+                        item = UpstreamError(f"{type(item).__name__}: {item}")  # midway: the fail mode decides
                     if item is _END or isinstance(item, UpstreamError):
                         done, error = True, item if isinstance(item, UpstreamError) else None
                         break
@@ -268,7 +272,7 @@ class _Generation:
             await asyncio.wait({reader}, timeout=ABORT_WAIT_S)
 
     async def _read(self, deltas: AsyncIterator, queue: asyncio.Queue) -> None:
-        """Upstream deltas into the queue, then _END or the UpstreamError; counts what arrives.
+        """Upstream deltas into the queue, then _END or the error; counts what arrives.
         The upstream generator is closed explicitly, whatever ends the reader."""
         try:
             async for delta in deltas:
@@ -278,7 +282,7 @@ class _Generation:
                     await queue.put(delta)
             if not self.progress.stopped:
                 await queue.put(_END)
-        except UpstreamError as exc:
+        except Exception as exc:  # UpstreamError: the fail mode decides; anything else ends the call
             if not self.progress.stopped:
                 await queue.put(exc)
         finally:

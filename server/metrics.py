@@ -157,6 +157,24 @@ class Metrics:
             "guard_reasoner_memory_calls_total", "Memory-agent calls (one per document chunk).", registry=r
         )
 
+        self.parscale_batch_requests = Histogram(
+            "guard_parscale_batch_requests", "Requests sharing one ParScale forward pass.", buckets=BATCH_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.parscale_tokens = Counter(
+            "guard_parscale_tokens_total",
+            "ParScale tokens: through forward passes (forward), and continuation tokens scored (scored).",
+            ("kind",),
+            registry=r,
+        )
+        self.parscale_kv_bytes = Gauge("guard_parscale_kv_cache_bytes", "ParScale KV cache memory held.", registry=r)
+
+    def on_parscale_step(self, requests: int, tokens: int, kv_bytes: int) -> None:
+        """The ParScale engine's per-forward hook (called on its worker thread)."""
+        self.parscale_batch_requests.observe(requests)
+        self.parscale_tokens.labels("forward").inc(tokens)
+        self.parscale_kv_bytes.set(kv_bytes)
+
     def on_retrieval_batch(self, service: str) -> Callable[[Any, float], None]:
         """A retrieval model's per-forward hook (called on its batcher's thread)."""
         padded = self.retrieval_padded_tokens.labels(service)

@@ -11,6 +11,7 @@ import asyncio
 import logging
 
 from server.qwen3guard.embedding.v1 import embedding_pb2
+from server.qwen3guard.parscale.v1 import parscale_pb2
 from server.qwen3guard.reasoning.v1 import reasoning_pb2
 from server.qwen3guard.rerank.v1 import rerank_pb2
 from server.qwen3guard.v1 import guard_pb2, guard_pb2_grpc
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def _full_name(service: str) -> str:
     """The full proto name of a built-in service (its health and reflection name)."""
-    for proto in (guard_pb2, embedding_pb2, rerank_pb2, reasoning_pb2):
+    for proto in (guard_pb2, embedding_pb2, rerank_pb2, reasoning_pb2, parscale_pb2):
         if service in proto.DESCRIPTOR.services_by_name:
             return proto.DESCRIPTOR.services_by_name[service].full_name
     raise KeyError(f"no proto declares a service {service!r}")
@@ -220,6 +221,48 @@ def _reasoner(ctx: ServiceContext) -> HostedService:
     )
 
 
+def _parscale(ctx: ServiceContext) -> HostedService:
+    """ParScale: its own batched engine; Generate guarded by StreamGuard's sessions."""
+    from server.parscale_service import ParScaleHolder, ParScaleModel, ParScaleService
+    from server.qwen3guard.parscale.v1 import parscale_pb2_grpc
+
+    s = ctx.settings
+    holder = ParScaleHolder()
+    service = ParScaleService(holder, ctx.built["StreamGuard"].state)
+
+    async def load() -> None:
+        from guard.parscale.engine import ParScaleEngine
+        from guard.parscale.loading import load_parscale
+        from guard.runtime import parse_dtype
+
+        def build() -> ParScaleModel:
+            model, tokenizer, path = load_parscale(s.parscale, device=s.device, dtype=parse_dtype(s.dtype))
+            engine = ParScaleEngine(model, s.parscale_limits(), on_step=ctx.metrics.on_parscale_step)
+            return ParScaleModel(engine, tokenizer, path.name, s.device, s.dtype)
+
+        service.attach(await asyncio.to_thread(build))
+        model = holder.model
+        config = model.engine.model.config
+        log.info(
+            "event=model_loaded service=ParScale model=%r P=%d prefix_tokens=%d demo=%s",
+            model.name, config.parscale_n, config.prefix_tokens, bool(model.demo),
+        )  # fmt: skip
+        if model.demo:
+            log.warning("event=demo_model service=ParScale notice=%r", model.demo.get("notice", "DEMO"))
+
+    async def close() -> None:
+        if holder.model is not None:
+            await asyncio.to_thread(holder.model.engine.close)
+
+    return HostedService(
+        add_to_server=lambda server: parscale_pb2_grpc.add_ParScaleServicer_to_server(service, server),
+        service_names=(_full_name("ParScale"),),
+        load=load,
+        close=close,
+        state=holder,
+    )
+
+
 def _settings_fields(prefix: str) -> tuple[str, ...]:
     from dataclasses import fields
 
@@ -271,6 +314,13 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         settings_fields=_settings_fields("reasoner"),
         enabled=lambda settings: bool(settings.reasoner),
         description="guarded reasoning: thinking budget, SAE steering, memory agent (qwen3guard.reasoning.v1)",
+    ),
+    ServiceSpec(
+        "ParScale",
+        _parscale,
+        settings_fields=_settings_fields("parscale"),
+        enabled=lambda settings: bool(settings.parscale),
+        description="ParScale generation, batched and KV-cached, guarded; Score; Info (qwen3guard.parscale.v1)",
     ),
 )
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from guard.model.engine import EngineLimits
+    from guard.parscale.engine import ParScaleLimits
     from guard.retrieval.batching import BatchLimits
     from guard.retrieval.vision import VisionLimits
 
@@ -87,6 +88,13 @@ class ServeSettings:
     reasoner_max_alpha: float = 50.0  # steering strength bound (|alpha|)
     reasoner_max_steer_tokens: int = 4096  # steering span bound (T)
     reasoner_max_waiting: int = 8  # local backend: generations waiting their turn (RESOURCE_EXHAUSTED beyond)
+    parscale: str = ""  # ParScale checkpoint (qwen2_parscale or qwen2), 'demo', or '' (off)
+    parscale_max_requests: int = 64  # live requests (each holds P KV cache slots)
+    parscale_max_tokens: int = 0  # per request, prompt + generated; 0 = the model's context
+    parscale_max_step_tokens: int = 2048  # new tokens in one forward pass, all requests together
+    parscale_max_queue: int = 1024  # steps waiting for the worker (RESOURCE_EXHAUSTED beyond)
+    parscale_kv_cache_mb: int = 0  # cap on ParScale's KV cache; 0 = bounded by the limits above
+    parscale_wait_ms: float = 1.0  # a step waits at most this long to share a forward pass
     upstream_url: str = ""  # vLLM OpenAI-compatible server for GuardedGeneration (e.g. http://127.0.0.1:8000)
     upstream_model: str = ""  # model name there; empty = the first one it lists
     upstream_grpc: str = ""  # or vLLM's gRPC server (host:port): token ids in and out, Abort RPC
@@ -141,6 +149,18 @@ class ServeSettings:
             max_queue=getattr(self, f"{service}_max_queue"),
             max_client_batch=getattr(self, f"{service}_max_client_batch"),
             max_queue_tokens=getattr(self, f"{service}_max_queue_tokens"),
+        )
+
+    def parscale_limits(self) -> ParScaleLimits:
+        from guard.parscale.engine import ParScaleLimits
+
+        return ParScaleLimits(
+            max_requests=self.parscale_max_requests,
+            max_tokens_per_request=self.parscale_max_tokens or None,
+            max_step_tokens=self.parscale_max_step_tokens,
+            max_queue=self.parscale_max_queue,
+            max_kv_cache_bytes=self.parscale_kv_cache_mb * 2**20 or None,
+            wait_ms=self.parscale_wait_ms,
         )
 
     def vision_limits(self) -> VisionLimits:

@@ -427,6 +427,7 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
     env = literal_env(guard)
     if overlay == "cpu-demo":
         assert settings.model == settings.embedder == settings.reranker == settings.reasoner == "demo"
+        assert settings.parscale == "demo"
         # The demo trains at start into GUARD_CACHE_DIR, which must be a writable emptyDir.
         cache = next(m for m in guard["volumeMounts"] if m["mountPath"] == env["GUARD_CACHE_DIR"])
         assert not cache.get("readOnly") and "emptyDir" in volumes[cache["name"]]
@@ -437,6 +438,7 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
         (guard, settings.judge),
         (guard, settings.embedder),
         (guard, settings.reranker),
+        (guard, settings.parscale),
         (by_name["vllm"], flag(by_name["vllm"]["args"], "--model")),
     ]
     for container, path in checkpoints:

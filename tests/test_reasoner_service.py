@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import shutil
 from pathlib import Path
 
 import grpc
 import pytest
-from servers import ScriptedVllm, running_sidecar
+from servers import ScriptedVllm, policies_with, running_sidecar
 
 from guard.demo.corpus import SAFE_SENTENCES, UNSAFE_PROMPTS
 from guard.demo.reasoner_model import SHOWCASE, STRATEGY_FEATURES, demo_reasoner_dir, showcase_cases
@@ -23,19 +22,19 @@ from server.qwen3guard.v1 import guard_pb2 as gpb
 REPO = Path(__file__).resolve().parents[1]
 POLICIES = {
     # never interrupts: the reasoning / answer split and release are under test
-    "permissive.yaml": "extends: default\nthresholds:\n  unsafe: 1.0\n",
+    "permissive": "extends: default\nthresholds:\n  unsafe: 1.0\n",
     # interrupts at the second response token, whatever the text
-    "always_interrupt.yaml": (
+    "always_interrupt": (
         "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\n"
         "categories:\n  Jailbreak:\n    prompt: ALLOW\n"
     ),
     # every response token redacted (nothing interrupts)
-    "redact_all.yaml": (
+    "redact_all": (
         "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\nresponse:\n  unsafe: REDACT\n"
         "categories:\n  Jailbreak:\n    prompt: ALLOW\nredact_marker: '[X]'\n"
     ),
-    "answer_only.yaml": "extends: permissive\nmoderate_reasoning: false\n",
-    "answer_only_interrupt.yaml": "extends: always_interrupt\nmoderate_reasoning: false\n",
+    "answer_only": "extends: permissive\nmoderate_reasoning: false\n",
+    "answer_only_interrupt": "extends: always_interrupt\nmoderate_reasoning: false\n",
 }
 
 
@@ -46,11 +45,7 @@ def reasoner_dir():
 
 @pytest.fixture(scope="module")
 def policy_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("policies")
-    shutil.copytree(REPO / "policies", directory, dirs_exist_ok=True)
-    for name, text in POLICIES.items():
-        (directory / name).write_text(text)
-    return directory
+    return policies_with(tmp_path_factory.mktemp("policies"), **POLICIES)
 
 
 @pytest.fixture(scope="module")

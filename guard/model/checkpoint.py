@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 
 from guard.model.config import CheckpointError, StreamGuardConfig
-from guard.model.qwen3_guard_model import HEAD_PARAMETER_NAMES, Qwen3StreamGuard, Rotary
+from guard.model.decoder import Rotary
+from guard.model.qwen3_guard_model import HEAD_PARAMETER_NAMES, Qwen3StreamGuard
 
 IGNORED_WEIGHTS = ("lm_head.weight",)  # present in some checkpoints, unused for moderation
 

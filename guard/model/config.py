@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guard.model.labels import LabelError, LabelSet, RiskLabels
+
+if TYPE_CHECKING:
+    from guard.model.decoder import DecoderShape
 
 GUARD_ARCHITECTURE = "Qwen3ForGuardModel"
 # Marks checkpoints built by ``guard.demo.stream_model``: they behave like a guard but are not a safety model.
@@ -40,6 +43,25 @@ class StreamGuardConfig:
     query_categories: LabelSet
     demo: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def decoder(self) -> DecoderShape:
+        """The backbone's shape (Qwen3: per-head q/k norm, no projection biases)."""
+        from guard.model.decoder import DecoderShape  # torch: only where a model is built
+
+        return DecoderShape(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            attention_bias=False,
+            qk_norm=True,
+        )
 
     @property
     def is_demo(self) -> bool:

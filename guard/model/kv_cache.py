@@ -263,6 +263,14 @@ class KVCachePool:
         self.k[layer][layout.slot_of_token, :, layout.positions] = k
         self.v[layer][layout.slot_of_token, :, layout.positions] = v
 
+    def write_block(self, layer: int, slots: list[int], start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a block of keys/values ``[len(slots), kv_heads, L, D]`` at positions ``start ..
+        start + L`` of each slot (ParScale's trained prefix, written once per request)."""
+        index = torch.tensor(slots, device=self.device)
+        end = start + k.shape[2]
+        self.k[layer][index, :, start:end] = k.to(self.dtype)
+        self.v[layer][index, :, start:end] = v.to(self.dtype)
+
     def read(self, layer: int, layout: StepLayout) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values ``[B, kv_heads, key_len, D]`` of the step's rows (a view when slots are contiguous)."""
         n = layout.key_len

@@ -27,6 +27,7 @@ from guard.reasoning.steering import (
 )
 from guard.retrieval.checkpoint import RetrievalCheckpointError, load_pretrained, read_config
 from guard.retrieval.inputs import checked_ids
+from guard.sampling import Sampler
 
 
 class LocalCausalLM:
@@ -119,7 +120,7 @@ class LocalCausalLM:
         generator = None
         if temperature > 0 and seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(seed)
-        sample = _Sampler(temperature, top_p, generator)
+        sample = Sampler(temperature, top_p, generator)
         steering = (layer, steers, triggered, limits) if steers or triggered else None
         return self._decode(prompt, max_tokens, sample, steering, set(stop_ids), should_stop, inject)
 
@@ -127,7 +128,7 @@ class LocalCausalLM:
         self,
         prompt: list[int],
         max_tokens: int,
-        sample: _Sampler,
+        sample: Sampler,
         steering: tuple[int, list[Steer], list[TriggeredSteer], SteerLimits] | None,
         stops: set[int],
         should_stop: Callable[[], bool] | None,
@@ -165,24 +166,3 @@ class LocalCausalLM:
         finally:
             if hook is not None:
                 hook.close()
-
-
-class _Sampler:
-    """The next id from last-position logits: argmax at temperature 0, else a draw from the
-    (nucleus-cut) softmax with the request's generator."""
-
-    def __init__(self, temperature: float, top_p: float | None, generator: torch.Generator | None) -> None:
-        self.temperature, self.top_p, self.generator = temperature, top_p, generator
-
-    @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor) -> int:
-        if self.temperature == 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits / self.temperature, dim=-1)  # [vocab]
-        if self.top_p is not None and self.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(-1) - sorted_probs < self.top_p  # the smallest prefix reaching top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        cdf = probs.cumsum(-1)  # inverse-CDF draw: exact, and far cheaper than multinomial over 150K ids
-        u = torch.rand(1, generator=self.generator, device=cdf.device) * cdf[-1]
-        return min(int(torch.searchsorted(cdf, u)), cdf.numel() - 1)

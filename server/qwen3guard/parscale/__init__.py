@@ -1,0 +1,1 @@
+"""Generated gRPC code (python -m server.codegen)."""
