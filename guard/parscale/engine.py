@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -98,7 +98,6 @@ class EngineStats:
     rows: int = 0
     tokens: int = 0
     peak_kv_bytes: int = 0
-    last_batch: list[int] = field(default_factory=list)
 
 
 class ParScaleEngine:
@@ -282,7 +281,6 @@ class ParScaleEngine:
         self.stats.rows += len(steps)
         self.stats.tokens += int(ids.numel())
         self.stats.peak_kv_bytes = max(self.stats.peak_kv_bytes, pool.peak_bytes)
-        self.stats.last_batch = [len(s.token_ids) for s in steps]
         if self.on_step is not None:
             self.on_step(len(steps), int(ids.numel()), pool.nbytes())
         with torch.inference_mode():
