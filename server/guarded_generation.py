@@ -64,9 +64,29 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            async with contextlib.aclosing(self.stream(request)) as responses:
+                async for response in responses:
+                    yield response
+        except asyncio.CancelledError:
+            raise
+        except UpstreamError as exc:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"upstream: {exc}"
+        except Exception as exc:
+            code, message = error_status(exc, request_id=request.request_id, rpc="GuardedGeneration.Generate")
+        if code != grpc.StatusCode.OK:
+            self.guard.metrics.errors.labels(code.name).inc()
+            await context.abort(code, message)
+
+    async def stream(self, request: pb.GenerateRequest, *, raw_prompt: str = "") -> AsyncIterator[pb.GenerateResponse]:
+        """The guarded generation, transport-free (the gRPC method and the OpenAI endpoint drive it):
+        raises the caller's errors (InvalidInput, Unavailable, UpstreamError, ...) for the front end
+        to map. ``raw_prompt``: a completion prompt (no chat template), judged as one user turn,
+        sent to the upstream as it is."""
         session: ResponseSession | None = None
         request_id = request.request_id
-        code, message = grpc.StatusCode.OK, ""
+        outcome = "ended: error"
         try:
             runtime = self.guard.holder.ready()
             if self.upstream is None:
@@ -74,9 +94,15 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
             sampling = self._sampling(request.sampling)
             check_token_detail(request.token_detail, "GenerateRequest")
             policy = self.guard.policies.get(request.domain)
-            rendered = self._rendered(runtime, request)
+            if raw_prompt and (request.messages or request.prompt_token_ids):
+                raise InvalidInput("a raw completion prompt comes alone, without `messages` or `prompt_token_ids`")
+            messages = [pb.ChatMessage(role="user", content=raw_prompt)] if raw_prompt else request.messages
+            rendered = self._rendered(runtime, messages, request.prompt_token_ids)
             path = await self.input_path(runtime)
-            if path == "token_ids":
+            if raw_prompt:
+                ids = runtime.tokenizer.hf.encode(raw_prompt) if path == "token_ids" else ()
+                upstream_prompt = UpstreamPrompt(token_ids=tuple(ids), text=raw_prompt)
+            elif path == "token_ids":
                 upstream_prompt = UpstreamPrompt(token_ids=(*rendered.prompt_ids, *rendered.preamble_ids))
             elif request.messages:
                 messages = tuple({"role": m.role, "content": m.content} for m in request.messages)
@@ -99,7 +125,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                 draining=lambda: self.guard.holder.draining,
             )
             request_id = request_id or uuid.uuid4().hex
-            topic = self.guard.topic_check(policy, request.messages, request.prompt_token_ids)
+            topic = self.guard.topic_check(policy, messages, request.prompt_token_ids)
             prompt = await session.judge_prompt(topic)
             self.guard.record_prompt(policy, prompt)
             prompt_msg = prompt_pb(prompt, policy)
@@ -113,27 +139,24 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                     f"prompt blocked by the {policy.name} policy ({prompt_msg.verdict.category})"
                 )
                 yield pb.GenerateResponse(end=pb.GenerationEnd(finish_reason="blocked", stopped=True, reason=reason))
+                outcome = "ended"
                 return
             generation = _Generation(self, session, request_id, path == "text", request.token_detail or pb.ALL_TOKENS)
             async with contextlib.aclosing(generation.run(upstream_prompt, sampling)) as responses:
                 async for response in responses:
                     yield response
+            outcome = "ended"
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
+            outcome = "ended: CANCELLED"
             raise
-        except UpstreamError as exc:
-            code, message = grpc.StatusCode.UNAVAILABLE, f"upstream: {exc}"
-        except Exception as exc:
-            code, message = error_status(exc, request_id=request_id, rpc="GuardedGeneration.Generate")
+        except GeneratorExit:
+            outcome = "ended: closed by the caller"
+            raise
         finally:
             if session is not None:
-                session.close("ended" if code == grpc.StatusCode.OK else f"ended: {code.name}")
+                session.close(outcome)
             if request_id:  # a stream that ended early (cancelled) did not take the engine's reason
                 take_finish_reason(self.upstream, request_id)
-            if code != grpc.StatusCode.OK:
-                self.guard.metrics.errors.labels(code.name).inc()
-        if code != grpc.StatusCode.OK:
-            await context.abort(code, message)
 
     @staticmethod
     def _sampling(params: pb.SamplingParams) -> Sampling:
@@ -155,13 +178,13 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
         )
 
     @staticmethod
-    def _rendered(runtime, request: pb.GenerateRequest) -> RenderedPrompt:
-        if request.messages and request.prompt_token_ids:
+    def _rendered(runtime, messages, prompt_token_ids) -> RenderedPrompt:
+        if messages and prompt_token_ids:
             raise InvalidInput("give `messages` or `prompt_token_ids`, not both")
-        if request.messages:
-            messages = parse_messages([{"role": m.role, "content": m.content} for m in request.messages])
-            return runtime.tokenizer.render_prompt(messages)
-        ids = list(request.prompt_token_ids)
+        if messages:
+            parsed = parse_messages([{"role": m.role, "content": m.content} for m in messages])
+            return runtime.tokenizer.render_prompt(parsed)
+        ids = list(prompt_token_ids)
         if not ids:
             raise InvalidInput("the conversation is empty; give `messages` or `prompt_token_ids`")
         im_end = runtime.tokenizer.im_end_id

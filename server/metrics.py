@@ -168,6 +168,19 @@ class Metrics:
             registry=r,
         )
         self.parscale_kv_bytes = Gauge("guard_parscale_kv_cache_bytes", "ParScale KV cache memory held.", registry=r)
+        self.gateway_requests = Counter(
+            "guard_gateway_requests_total",
+            "Requests through a gateway front end (ext_proc, openai) by how they ended: passed, blocked, "
+            "interrupted, redacted, rejected (bad request), failed_open, failed_closed, error.",
+            ("gateway", "outcome"),
+            registry=r,
+        )
+        self.gateway_hold_seconds = Histogram(
+            "guard_gateway_hold_seconds",
+            "How long a response body chunk is held for judging before it goes on (ext_proc).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def on_parscale_step(self, requests: int, tokens: int, kv_bytes: int) -> None:
         """The ParScale engine's per-forward hook (called on its worker thread)."""

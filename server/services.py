@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def _full_name(service: str) -> str:
     """The full proto name of a built-in service (its health and reflection name)."""
-    for proto in (guard_pb2, embedding_pb2, rerank_pb2, reasoning_pb2, parscale_pb2):
+    from envoy.service.ext_proc.v3 import external_processor_pb2
+
+    for proto in (guard_pb2, embedding_pb2, rerank_pb2, reasoning_pb2, parscale_pb2, external_processor_pb2):
         if service in proto.DESCRIPTOR.services_by_name:
             return proto.DESCRIPTOR.services_by_name[service].full_name
     raise KeyError(f"no proto declares a service {service!r}")
@@ -263,6 +265,36 @@ def _parscale(ctx: ServiceContext) -> HostedService:
     )
 
 
+def _ext_proc(ctx: ServiceContext) -> HostedService:
+    """Envoy's external processor: StreamGuard's sessions in Envoy's data path."""
+    from envoy.service.ext_proc.v3 import external_processor_pb2_grpc
+
+    from server.gateway.ext_proc import ExternalProcessorService
+
+    service = ExternalProcessorService(ctx.built["StreamGuard"].state)
+    return HostedService(
+        add_to_server=lambda server: external_processor_pb2_grpc.add_ExternalProcessorServicer_to_server(
+            service, server
+        ),
+        service_names=(_full_name("ExternalProcessor"),),
+        state=service,
+    )
+
+
+def _openai(ctx: ServiceContext) -> HostedService:
+    """The OpenAI-compatible HTTP endpoint (no gRPC service): GuardedGeneration behind OpenAI's API."""
+    from server.gateway.openai_api import OpenAIEndpoint
+
+    endpoint = OpenAIEndpoint(ctx.built["GuardedGeneration"].state, ctx.settings)
+    return HostedService(
+        add_to_server=lambda server: None,
+        service_names=(),
+        load=endpoint.start,
+        close=endpoint.stop,
+        state=endpoint,
+    )
+
+
 def _settings_fields(prefix: str) -> tuple[str, ...]:
     from dataclasses import fields
 
@@ -322,9 +354,26 @@ BUILTIN_SERVICES: tuple[ServiceSpec, ...] = (
         enabled=lambda settings: bool(settings.parscale),
         description="ParScale generation, batched and KV-cached, guarded; Score; Info (qwen3guard.parscale.v1)",
     ),
+    ServiceSpec(
+        "ExternalProcessor",
+        _ext_proc,
+        settings_fields=(*_settings_fields("ext_proc"), *_settings_fields("gateway_")),
+        enabled=lambda settings: settings.ext_proc,
+        description="Envoy ext_proc: prompts judged, SSE responses guarded in Envoy's data path, on with --ext-proc",
+    ),
+    ServiceSpec(
+        "OpenAI",
+        _openai,
+        settings_fields=_settings_fields("openai_"),
+        enabled=lambda settings: bool(settings.openai_port),
+        description="OpenAI-compatible HTTP endpoint (/v1/chat/completions, /v1/completions) through "
+        "GuardedGeneration, on with --openai-port",
+    ),
 )
+
+HTTP_SERVICES = frozenset({"OpenAI"})  # served over HTTP: no gRPC health or reflection name
 
 
 def builtin_service_names() -> tuple[str, ...]:
     """Full proto names of the built-in services (their health and reflection names)."""
-    return tuple(_full_name(spec.name) for spec in BUILTIN_SERVICES)
+    return tuple(_full_name(spec.name) for spec in BUILTIN_SERVICES if spec.name not in HTTP_SERVICES)

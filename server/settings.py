@@ -102,6 +102,15 @@ class ServeSettings:
     upstream_input_path: str = "auto"  # auto (probe the upstream's tokenizer), token_ids, or text
     upstream_gpu_memory_utilization: float = 0.9  # async-llm only
     upstream_max_model_len: int = 0  # async-llm only; 0 = the model's
+    upstream_enforce_eager: bool = False  # async-llm only: no torch.compile / CUDA graphs (fast start, slower decode)
+    # Gateways: the Envoy external processor (on the gRPC port) and the OpenAI-compatible endpoint.
+    ext_proc: bool = False  # serve envoy.service.ext_proc.v3.ExternalProcessor
+    ext_proc_token_ids: bool = False  # the upstream's token_ids (return_token_ids) are Qwen3 ids: judge those
+    openai_port: int = 0  # the OpenAI-compatible HTTP endpoint through GuardedGeneration; 0 = off
+    openai_model: str = ""  # the model name it serves; empty = the upstream's
+    openai_max_connections: int = 256  # concurrent HTTP connections (503 beyond)
+    gateway_domain_header: str = "x-guard-domain"  # the request header naming the domain (both gateways)
+    gateway_max_body_bytes: int = 4 * 2**20  # a request body, a JSON response, one SSE event
     policies: str = ""  # policy directory; empty = ./policies if present, else the built-in default
     default_domain: str = "default"  # the policy of streams that name no domain
     policy_poll_s: float = 0.25  # how often the policy directory is checked for edits

@@ -55,10 +55,12 @@ class Sampling:
 @dataclass(frozen=True)
 class UpstreamPrompt:
     """Token path: the Qwen3-rendered prompt ids, assistant preamble included. Text path: the
-    messages, which the upstream renders with its own chat template."""
+    messages, which the upstream renders with its own chat template. ``text``: a raw completion
+    prompt (OpenAI ``/v1/completions``), tokenized by the upstream without a template."""
 
     token_ids: tuple[int, ...] = ()
     messages: tuple[dict, ...] = ()
+    text: str = ""
 
 
 class Upstream(Protocol):
@@ -90,6 +92,16 @@ def render_with(tokenizer: Any, messages: tuple[dict, ...]) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+def prompt_ids_with(tokenizer: Any, prompt: UpstreamPrompt) -> list[int]:
+    """The prompt as the upstream's ids: given ids, the rendered messages, or the raw text
+    tokenized as vLLM's completions API does (its special tokens added)."""
+    if prompt.token_ids:
+        return list(prompt.token_ids)
+    if prompt.messages:
+        return render_with(tokenizer, prompt.messages)
+    return tokenizer.encode(prompt.text)
+
+
 class VllmHttpUpstream:
     name = "vllm-http"
 
@@ -110,7 +122,8 @@ class VllmHttpUpstream:
             raise UpstreamError(f"{path} answered HTTP {response.status_code}: {response.text[:300]}")
         return response.json()
 
-    async def _model_name(self) -> str:
+    async def model_name(self) -> str:
+        """The served model: the configured name, or the first one the server lists."""
         if self.model is None:
             try:
                 response = await self._client.get(self.base + "/v1/models")
@@ -124,21 +137,21 @@ class VllmHttpUpstream:
         return False  # the OpenAI-compatible API aborts a request when its connection closes
 
     async def tokenize(self, text: str) -> list[int]:
-        body = {"model": await self._model_name(), "prompt": text, "add_special_tokens": False}
+        body = {"model": await self.model_name(), "prompt": text, "add_special_tokens": False}
         return list((await self._post("/tokenize", body))["tokens"])
 
     async def generate(
         self, request_id: str, prompt: UpstreamPrompt, sampling: Sampling
     ) -> AsyncIterator[UpstreamDelta]:
         body: dict[str, Any] = {
-            "model": await self._model_name(),
+            "model": await self.model_name(),
             "stream": True,
             "max_tokens": sampling.max_tokens,
             "temperature": sampling.temperature,
         }
-        if prompt.token_ids:
+        if prompt.token_ids or prompt.text:
             path = "/v1/completions"
-            body.update(prompt=list(prompt.token_ids), return_token_ids=True)
+            body.update(prompt=list(prompt.token_ids) or prompt.text, return_token_ids=True)
         else:
             path = "/v1/chat/completions"
             body.update(messages=list(prompt.messages), return_token_ids=True)  # ids only count tokens here
@@ -167,7 +180,9 @@ class VllmHttpUpstream:
                     if not event.get("choices"):  # e.g. a usage-only event
                         continue
                     choice = event["choices"][0]
-                    text = choice.get("text") if prompt.token_ids else (choice.get("delta") or {}).get("content")
+                    text = (
+                        choice.get("text") if path == "/v1/completions" else (choice.get("delta") or {}).get("content")
+                    )
                     yield UpstreamDelta(list(choice.get("token_ids") or []), text or "", choice.get("finish_reason"))
         except httpx.HTTPError as exc:  # refused, reset midway, timed out
             raise UpstreamError(f"vLLM stream failed: {type(exc).__name__}: {exc}") from None
@@ -227,7 +242,7 @@ class VllmGrpcUpstream:
         ids = list(prompt.token_ids)
         if not ids:
             tokenizer = await self.tokenizer()
-            ids = render_with(tokenizer, prompt.messages)
+            ids = prompt_ids_with(tokenizer, prompt)
             detokenizer = IncrementalDetokenizer(tokenizer)
         params = pb.SamplingParams(
             temperature=sampling.temperature,

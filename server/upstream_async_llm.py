@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from server.upstream import Sampling, UpstreamDelta, UpstreamError, UpstreamPrompt, render_with
+from server.upstream import Sampling, UpstreamDelta, UpstreamError, UpstreamPrompt, prompt_ids_with
 
 
 class AsyncLlmUpstream:
@@ -24,7 +24,13 @@ class AsyncLlmUpstream:
 
     @classmethod
     def from_model(
-        cls, model: str, *, gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto"
+        cls,
+        model: str,
+        *,
+        gpu_memory_utilization: float = 0.9,
+        max_model_len: int | None = None,
+        dtype: str = "auto",
+        enforce_eager: bool = False,
     ) -> AsyncLlmUpstream:
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
@@ -36,6 +42,7 @@ class AsyncLlmUpstream:
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             dtype=dtype,
+            enforce_eager=enforce_eager,
             disable_log_stats=False,
         )
         return cls(AsyncLLM.from_engine_args(args))
@@ -52,7 +59,7 @@ class AsyncLlmUpstream:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
-        ids = list(prompt.token_ids) or render_with(self.engine.get_tokenizer(), prompt.messages)
+        ids = prompt_ids_with(self.engine.get_tokenizer(), prompt)
         params = SamplingParams(
             temperature=sampling.temperature,
             top_p=sampling.top_p or 1.0,

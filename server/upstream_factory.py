@@ -21,6 +21,7 @@ def build_upstream(settings: ServeSettings):
             settings.upstream_model,
             gpu_memory_utilization=settings.upstream_gpu_memory_utilization,
             max_model_len=settings.upstream_max_model_len or None,
+            enforce_eager=settings.upstream_enforce_eager,
             dtype="auto" if settings.device == "cpu" else settings.dtype,
         )
     if settings.upstream_grpc:

@@ -19,7 +19,7 @@ from guard.parscale.engine import ParScaleEngine, StepOutput
 from guard.sampling import Sampler
 from guard.session.release import IncrementalDetokenizer
 from guard.text.stop_strings import StopStrings
-from server.upstream import Sampling, UpstreamDelta, UpstreamPrompt, render_with
+from server.upstream import Sampling, UpstreamDelta, UpstreamPrompt, prompt_ids_with
 
 
 class ParScaleUpstream:
@@ -48,7 +48,7 @@ class ParScaleUpstream:
     async def generate(
         self, request_id: str, prompt: UpstreamPrompt, sampling: Sampling
     ) -> AsyncIterator[UpstreamDelta]:
-        ids = list(prompt.token_ids) or render_with(self.tokenizer, prompt.messages)
+        ids = prompt_ids_with(self.tokenizer, prompt)
         limits, context = self.engine.limits, self.engine.max_tokens
         if len(ids) + sampling.max_tokens > context:
             raise InvalidInput(

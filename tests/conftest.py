@@ -123,3 +123,13 @@ def sidecar(demo_dir):
 
     with running_sidecar(model=str(demo_dir), max_chunk_tokens=64, max_text_chars=256) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_url():
+    """One vLLM OpenAI server of the tiny upstream model, shared by every module that attaches to
+    it (GuardedGeneration, the Envoy processor, the OpenAI endpoint); started on first use."""
+    from vllm_runtime import running_vllm_http, tiny_upstream_model
+
+    with running_vllm_http(tiny_upstream_model()) as url:
+        yield url

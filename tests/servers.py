@@ -56,6 +56,15 @@ class RunningSidecar:
         return self.sidecar.holder.runtime.engine
 
 
+# Test domains that decide deterministically on any output of a random model.
+ANY_OUTPUT_DOMAINS = {
+    "permissive": "extends: default\nthresholds:\n  unsafe: 1.0\n",
+    "always_interrupt": "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\n",
+    "redact_all": "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\n"
+    "response:\n  unsafe: REDACT\n",
+}
+
+
 def policies_with(directory: Path, **files: str) -> Path:
     """The shipped policies copied into ``directory`` plus test domains (``name=yaml_text``)."""
     import shutil

