@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale profile-service load-test deploy-policies deploy-render clean
+.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale bench-gateway profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-parscale: install
 	  --json benchmarks/results/parscale-demo-cpu.json
 	$(BIN)/python benchmarks/parscale_bench.py --shape 1.8B --tokens 4 --prompt-tokens 8 --repeat 1 \
 	  --json benchmarks/results/parscale-1.8B-cpu.json
+
+## Per SSE event: Envoy + the guard's ext_proc vs Envoy alone, the OpenAI endpoint vs its upstream.
+bench-gateway: install
+	$(BIN)/python benchmarks/gateway_bench.py --json benchmarks/results/gateway-cpu.json
 
 ## Where the sidecar's time goes at 16 streams x 8 tokens (py-spy, from the bench extra).
 profile-service: install

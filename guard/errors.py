@@ -13,6 +13,10 @@ class LimitExceeded(EngineError):
     """A session, token or queue limit was hit (RESOURCE_EXHAUSTED)."""
 
 
+class ContextTooLong(LimitExceeded):
+    """The prompt alone is over a session's token limit: retrying will not help (HTTP gateways: 400)."""
+
+
 class SessionClosed(EngineError):
     """The session was closed, cancelled, expired, or the engine shut down."""
 

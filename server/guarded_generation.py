@@ -70,6 +70,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                 async for response in responses:
                     yield response
         except asyncio.CancelledError:
+            self.guard.metrics.errors.labels(grpc.StatusCode.CANCELLED.name).inc()
             raise
         except UpstreamError as exc:
             code, message = grpc.StatusCode.UNAVAILABLE, f"upstream: {exc}"
@@ -97,7 +98,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
             if raw_prompt and (request.messages or request.prompt_token_ids):
                 raise InvalidInput("a raw completion prompt comes alone, without `messages` or `prompt_token_ids`")
             messages = [pb.ChatMessage(role="user", content=raw_prompt)] if raw_prompt else request.messages
-            rendered = self._rendered(runtime, messages, request.prompt_token_ids)
+            rendered = await asyncio.to_thread(self._rendered, runtime, messages, request.prompt_token_ids)
             path = await self.input_path(runtime)
             if raw_prompt:
                 ids = runtime.tokenizer.hf.encode(raw_prompt) if path == "token_ids" else ()

@@ -306,9 +306,12 @@ class ReasonerService(pb_grpc.ReasonerServicer):
         starts = range(0, max(len(ids) - overlap, 1), size - overlap)
         loop = asyncio.get_running_loop()
 
-        async def judge(start: int) -> PromptOutcome:
+        def render(start: int):
             text = hf.decode(ids[start : start + size])
-            rendered = runtime.tokenizer.render_prompt([Message("user", f"{text}\n\n{question}")])
+            return runtime.tokenizer.render_prompt([Message("user", f"{text}\n\n{question}")])
+
+        async def judge(start: int) -> PromptOutcome:
+            rendered = await asyncio.to_thread(render, start)  # decoding and templating: off the event loop
             stream = runtime.moderator.open(
                 prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy, loop=loop
             )

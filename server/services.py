@@ -23,11 +23,13 @@ log = logging.getLogger(__name__)
 
 def _full_name(service: str) -> str:
     """The full proto name of a built-in service (its health and reflection name)."""
-    from envoy.service.ext_proc.v3 import external_processor_pb2
-
-    for proto in (guard_pb2, embedding_pb2, rerank_pb2, reasoning_pb2, parscale_pb2, external_processor_pb2):
+    for proto in (guard_pb2, embedding_pb2, rerank_pb2, reasoning_pb2, parscale_pb2):
         if service in proto.DESCRIPTOR.services_by_name:
             return proto.DESCRIPTOR.services_by_name[service].full_name
+    if service == "ExternalProcessor":  # Envoy's (xds-protos), imported only when asked for
+        from envoy.service.ext_proc.v3 import external_processor_pb2
+
+        return external_processor_pb2.DESCRIPTOR.services_by_name[service].full_name
     raise KeyError(f"no proto declares a service {service!r}")
 
 

@@ -111,6 +111,7 @@ class ServeSettings:
     openai_max_connections: int = 256  # concurrent HTTP connections (503 beyond)
     gateway_domain_header: str = "x-guard-domain"  # the request header naming the domain (both gateways)
     gateway_max_body_bytes: int = 4 * 2**20  # a request body, a JSON response, one SSE event
+    gateway_allow_media: bool = False  # ext_proc: let image/audio/video parts through (a text guard cannot read them)
     policies: str = ""  # policy directory; empty = ./policies if present, else the built-in default
     default_domain: str = "default"  # the policy of streams that name no domain
     policy_poll_s: float = 0.25  # how often the policy directory is checked for edits

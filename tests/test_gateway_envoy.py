@@ -47,15 +47,18 @@ class ScriptedBodies:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
                 self._start_events()
-                for part in outer.scripts.pop(0):
-                    if part is None:
+                try:
+                    for part in outer.scripts.pop(0):
+                        if part is None:
+                            self.wfile.flush()
+                            self.connection.shutdown(2)
+                            return
+                        self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
                         self.wfile.flush()
-                        self.connection.shutdown(2)
-                        return
-                    self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
-                    self.wfile.flush()
-                    time.sleep(0.05)
-                self.wfile.write(b"0\r\n\r\n")
+                        time.sleep(0.05)
+                    self.wfile.write(b"0\r\n\r\n")
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the guard ended the answer early (Envoy reset the upstream)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
@@ -143,7 +146,9 @@ def body(messages, **fields) -> dict:
     return {"model": "tiny-qwen3", "messages": messages, "temperature": 0, "max_tokens": 12, **fields}
 
 
-async def post(url: str, payload: dict | bytes, headers: dict | None = None) -> tuple[int, bytes, str]:
+async def post(
+    url: str, payload: dict | bytes, headers: dict | None = None, path: str = "/v1/chat/completions"
+) -> tuple[int, bytes, str]:
     """Status, the bytes received, and how the body ended ("" or the error: a reset)."""
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     got, ended = b"", ""
@@ -151,7 +156,7 @@ async def post(url: str, payload: dict | bytes, headers: dict | None = None) -> 
         try:
             async with client.stream(
                 "POST",
-                url + "/v1/chat/completions",
+                url + path,
                 content=data,
                 headers={"content-type": "application/json", **(headers or {})},
             ) as response:
@@ -269,6 +274,22 @@ async def test_bad_requests_are_answered_clearly(envoy, guard):
     status, got, _ = await post(url, body([{"role": "user", "content": "x" * 70000}]))
     assert status in (413, 400) and got  # over the guard's 64 KiB limit (Envoy's own is larger)
     assert "65536" in json.loads(got)["error"]["message"]
+    status, got, _ = await post(url, body(PROMPT, logprobs=True))
+    assert status == 400 and json.loads(got)["error"]["param"] == "logprobs"
+    no_open_sessions(guard)
+
+
+async def test_routes_the_guard_does_not_read_never_reach_vllm(envoy, guard, tiny_vllm_url):
+    """A generating route the guard does not read is refused; an encoded path is still guarded;
+    reads pass."""
+    _, url = envoy
+    status, got, _ = await post(url, {"model": "tiny-qwen3", "input": "hi"}, path="/v1/responses")
+    assert status == 404 and json.loads(got)["error"]["code"] == "route_not_guarded"
+    status, got, _ = await post(url, body(BLOCKED), path="/v1/chat/completion%73")
+    assert status == 403 and json.loads(got)["error"]["code"] == "prompt_blocked"
+    async with httpx.AsyncClient(timeout=30) as client:
+        models = await client.get(url + "/v1/models")
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny-qwen3"
     no_open_sessions(guard)
 
 

@@ -16,7 +16,7 @@ from guard.session.response_session import ResponseSession
 from guard.text.conversation import parse_messages
 from server.gateway import openai_wire as wire
 from server.gateway.response_guard import GuardedBody, GuardedEventStream
-from server.gateway.sse import SseDecoder, SseError, encode
+from server.gateway.sse import SseDecoder, encode
 
 ANSWER = "Gears trade speed for force: a small front ring makes climbing easier. Überall 世界 🙂 fine."
 PROMPT = [{"role": "user", "content": "How do bicycle gears work?"}]
@@ -64,13 +64,17 @@ def test_events_survive_any_split(newline):
 def test_multiline_data_comments_and_limits():
     events = SseDecoder().feed(b": keep-alive\n\nevent: x\ndata: a\ndata: b\n\n")
     assert [(e.event, e.data) for e in events] == [("", ""), ("x", "a\nb")]
-    with pytest.raises(SseError, match="not valid UTF-8"):
-        SseDecoder().feed(b"data: \xff\xfe\n\n")
-    with pytest.raises(SseError, match="longer than 16 bytes"):
-        SseDecoder(max_event_bytes=16).feed(b"data: " + b"x" * 32)
+    decoder = SseDecoder()  # a malformed event: the ones before it still count, nothing after it
+    assert [e.data for e in decoder.feed(b"data: ok\n\ndata: \xff\xfe\n\ndata: after\n\n")] == ["ok"]
+    assert "not valid UTF-8" in decoder.error and decoder.feed(b"data: more\n\n") == []
+    decoder = SseDecoder(max_event_bytes=16)
+    assert decoder.feed(b"data: " + b"x" * 32) == [] and "longer than 16 bytes" in decoder.error
     split = "data: 世界\n\n".encode()
     decoder = SseDecoder()  # a character split between chunks is whole once its event is
     assert decoder.feed(split[:7]) == [] and decoder.feed(split[7:])[0].data == "世界"
+    # Lines end at CR and LF only (as in the SSE specification and the openai client), never at U+2028
+    events = SseDecoder().feed('data: {"a": "x\u2028data: y"}\n\n'.encode())
+    assert events[0].data == '{"a": "x\u2028data: y"}'
 
 
 # ---------------------------------------------------------------------------------- guarded stream
@@ -175,3 +179,130 @@ async def test_a_whole_response_is_judged_once(demo_runtime, store):
                 cut["choices"][0]["finish_reason"] == "content_filter" and cut["choices"][0]["message"]["content"] == ""
             )
             assert cut["guard"]["category"] and cut["guard"]["offset"] == 1
+
+
+def tool_call_stream() -> tuple[bytes, str]:
+    """A tool call streamed as vLLM does: the name first, then the arguments in pieces."""
+    base = {"id": "chatcmpl-3", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    calls = [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "search", "arguments": ""}}]
+    pieces = ['{"query": ', '"how to pack', ' a pipe with powder"}']
+    calls += [{"index": 0, "function": {"arguments": piece}} for piece in pieces]
+    events = [{**base, "choices": [{"index": 0, "delta": {"tool_calls": [c]}, "finish_reason": None}]} for c in calls]
+    events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+    body = b"".join(encode(json.dumps(e)) for e in events) + b"data: [DONE]\n\n"
+    return body, "search" + "".join(pieces)
+
+
+async def test_tool_call_arguments_are_judged_before_they_go_on(demo_runtime, store):
+    body, text = tool_call_stream()
+    assert contents(body)[0] == text  # the name and the arguments are what the guard reads
+    out, outcome = await guarded(demo_runtime, store.get("permissive"), chunked(body, 50))
+    assert out == body and outcome == "passed"
+    out, outcome = await guarded(demo_runtime, store.get("always_interrupt"), chunked(body, 50))
+    assert outcome == "interrupted" and b"pipe" not in out and b"search" not in out
+    assert contents(out)[1][-1]["choices"][0]["finish_reason"] == "content_filter"
+
+
+async def test_token_ids_are_judged_when_they_are_the_guards(demo_runtime, store, guard_tokenizer):
+    """vLLM's return_token_ids: with --ext-proc-token-ids the ids are judged, not re-tokenized text."""
+    ids = guard_tokenizer.hf.encode(ANSWER, add_special_tokens=False)
+    base = {"id": "chatcmpl-4", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    events = []
+    for k in range(0, len(ids), 3):
+        piece = ids[k : k + 3]
+        delta = {"content": guard_tokenizer.hf.decode(piece)}
+        events.append({**base, "choices": [{"index": 0, "delta": delta, "token_ids": piece, "finish_reason": None}]})
+    body = b"".join(encode(json.dumps(e, ensure_ascii=False)) for e in events) + b"data: [DONE]\n\n"
+    out, outcome = await guarded(demo_runtime, store.get("permissive"), chunked(body, 100), token_ids=True)
+    assert out == body and outcome == "passed"
+    out, outcome = await guarded(demo_runtime, store.get("always_interrupt"), chunked(body, 100), token_ids=True)
+    last = contents(out)[1][-1]
+    assert outcome == "interrupted" and last["guard"]["offset"] == 1 and last["guard"]["released_tokens"] == 0
+
+
+def _events_body(*events: dict) -> bytes:
+    return b"".join(encode(json.dumps(e, ensure_ascii=False)) for e in events) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"choices": [{"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "unjudged"}}]},
+        {"choices": [{"index": 1, "delta": {"content": "unjudged"}}]},
+        {"choices": [{"index": 0, "delta": {"content": {"text": "unjudged"}}}]},
+        {"choices": [{"index": 0, "delta": "unjudged"}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"arguments": {"x": "unjudged"}}}]}}]},
+    ],
+)
+async def test_answers_the_guard_cannot_read_never_pass(demo_runtime, store, event):
+    """A second choice, a non-string text field: not judged, so the fail mode (closed) withholds it."""
+    out, outcome = await guarded(demo_runtime, store.get("permissive"), [_events_body(event)])
+    assert outcome == "failed_closed" and b"unjudged" not in out and b"cannot read" in out
+
+
+async def test_refusals_and_reasoning_are_judged_text(demo_runtime, store):
+    base = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    body = _events_body(
+        {**base, "choices": [{"index": 0, "delta": {"reasoning_content": "thinking about pipes"}}]},
+        {**base, "choices": [{"index": 0, "delta": {"refusal": "I will not"}, "finish_reason": "stop"}]},
+    )
+    assert contents(body)[0] == "thinking about pipesI will not"
+    out, outcome = await guarded(demo_runtime, store.get("always_interrupt"), [body])
+    assert outcome == "interrupted" and b"pipes" not in out and b"will not" not in out
+
+
+async def test_a_redacted_tool_call_is_withheld_whole(demo_runtime, store):
+    body, _ = tool_call_stream()
+    out, outcome = await guarded(demo_runtime, store.get("redact_all"), chunked(body, 64))
+    last = contents(out)[1][-1]
+    assert outcome == "redacted" and b"pipe" not in out and b"[REDACTED]" not in out
+    assert last["choices"][0]["finish_reason"] == "content_filter" and last["guard"]["action"] == "REDACT"
+
+
+async def test_a_long_whole_answer_is_judged_in_slices(demo_runtime, store):
+    """Longer than the engine's chunk limit (1024 tokens): sliced, not refused."""
+    text = " ".join(f"word{i}" for i in range(1500))
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    body = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "choices": [choice]})
+    session = open_session(demo_runtime, store.get("permissive"))
+    try:
+        await session.judge_prompt()
+        whole = GuardedBody(session, wire.CHAT, lambda *_: None, max_bytes=1 << 20, slice_chars=512)
+        whole.feed(body.encode())
+        assert await whole.end_of_body() == body.encode() and whole.outcome == "passed"
+    finally:
+        session.close("test")
+
+
+def test_request_parsing_judges_every_text_part():
+    body = {
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": [{"type": "input_text", "text": "be brief"}]},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "output_text", "text": "there"}]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "search", "description": "find pipes"}}],
+    }
+    request = wire.parse_request(wire.CHAT, json.dumps(body).encode())
+    judged = request.judged_messages
+    assert judged[0]["role"] == "system" and "find pipes" in judged[0]["content"]
+    assert [m["content"] for m in judged[1:]] == ["be brief", "hi\nthere"]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    media = {"model": "m", "messages": [{"role": "user", "content": [image]}]}
+    with pytest.raises(wire.GatewayError, match="not judged by the guard"):
+        wire.parse_request(wire.CHAT, json.dumps(media).encode())
+    assert wire.parse_request(wire.CHAT, json.dumps(media).encode(), allow_media=True).messages[0]["content"] == ""
+    for bad in ({"type": "mystery", "text": "x"}, {"type": "text", "text": 3}):
+        with pytest.raises(wire.GatewayError):
+            wire.parse_request(
+                wire.CHAT, json.dumps({"model": "m", "messages": [{"role": "user", "content": [bad]}]}).encode()
+            )
+    with pytest.raises(wire.GatewayError, match="logprobs"):
+        wire.parse_request(wire.CHAT, json.dumps({"model": "m", "messages": [], "logprobs": True}).encode())
+
+
+def test_routes_are_normalized_before_they_are_matched():
+    from server.gateway.ext_proc import route_of
+
+    for path in ("/v1/chat/completion%73", "//v1/./chat/completions?x=1", "/v1/x/../chat/completions"):
+        assert route_of(path) == "/v1/chat/completions"

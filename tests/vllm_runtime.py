@@ -9,6 +9,7 @@ head_dim >= 64; the KV cache size is explicit (``VLLM_ENV``), never derived from
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -66,14 +67,15 @@ def vllm_python_with_sidecar() -> Path:
     with ``env=vllm_env()``: the explicit KV cache size)."""
     python = vllm_python()
     marker = VENV / ".sidecar-installed"
-    if marker.exists() and marker.read_text() == str(REPO):
+    stamp = f"{REPO} {hashlib.sha256((REPO / 'pyproject.toml').read_bytes()).hexdigest()}"  # new deps: reinstall
+    if marker.exists() and marker.read_text() == stamp:
         return python
     done = subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "-e", f"{REPO}[serve]"], capture_output=True, text=True
     )
     if done.returncode != 0:
         raise RuntimeError(f"installing the sidecar into the vLLM environment failed:\n{done.stdout}{done.stderr}")
-    marker.write_text(str(REPO))
+    marker.write_text(stamp)
     return python
 
 

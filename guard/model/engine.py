@@ -30,7 +30,15 @@ import numpy as np
 import torch
 
 from guard.delivery import AnyFuture, Outcome, new_future, settle
-from guard.errors import EngineStopped, InvalidInput, LimitExceeded, ModelFailed, SessionClosed, SessionExpired
+from guard.errors import (
+    ContextTooLong,
+    EngineStopped,
+    InvalidInput,
+    LimitExceeded,
+    ModelFailed,
+    SessionClosed,
+    SessionExpired,
+)
 from guard.model.checkpoint import LoadedGuard
 from guard.model.kv_cache import CacheFull, StepLayout, StepRow
 
@@ -227,7 +235,7 @@ class StreamEngine:
             raise InvalidInput("the prompt is empty: a session needs at least the <|im_end|> closing the user turn")
         total = len(prompt) + len(preamble)
         if total > self.limits.max_tokens_per_session:
-            raise LimitExceeded(
+            raise ContextTooLong(
                 f"the prompt has {total} tokens; the limit per session is {self.limits.max_tokens_per_session}"
             )
         future = new_future(loop)

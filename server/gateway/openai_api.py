@@ -23,7 +23,9 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from guard.errors import ContextTooLong
 from server.gateway import openai_wire as wire
+from server.gateway.sse import DONE, encode
 from server.guarded_generation import GuardedGenerationService
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.settings import ServeSettings
@@ -32,6 +34,10 @@ from server.wire import error_status
 
 log = logging.getLogger(__name__)
 
+# Request fields GuardedGeneration cannot honour: refused, never silently ignored.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "presence_penalty",
+               "frequency_penalty", "repetition_penalty", "logit_bias", "best_of", "suffix", "structured_outputs",
+               "guided_json", "guided_regex", "guided_choice", "guided_grammar")  # fmt: skip
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
     grpc.StatusCode.FAILED_PRECONDITION: 400,
@@ -141,6 +147,10 @@ class OpenAIEndpoint:
     async def _complete(self, http: Request, kind: str) -> Response:
         try:
             parsed = wire.parse_request(kind, await self._body(http))
+            unsupported = sorted(set(UNSUPPORTED) & parsed.fields)
+            if unsupported:
+                raise wire.GatewayError(400, f"`{unsupported[0]}` is not supported by the guarded endpoint "
+                                        "(it generates through GuardedGeneration)", param=unsupported[0])  # fmt: skip
             served = await self.model_name()
             if parsed.model != served:
                 raise wire.GatewayError(404, f"The model `{parsed.model}` does not exist (this endpoint serves "
@@ -150,14 +160,15 @@ class OpenAIEndpoint:
             raise
         request_id = ("chatcmpl-" if kind == wire.CHAT else "cmpl-") + uuid.uuid4().hex
         request = self._generate_request(parsed, http.headers.get(self.settings.gateway_domain_header), request_id)
+        parsed.domain = request.domain or self.settings.default_domain
         responses = self.generation.stream(request, raw_prompt=parsed.prompt)
         try:
             start = await self._next(responses)
+            first = await self._next(responses)  # the upstream's first answer (or its refusal) before any header
             if start.start.prompt.verdict.action == pb.BLOCK:
-                end = await self._next(responses)
                 await responses.aclose()
                 self._count("blocked")
-                return self._blocked(start.start.prompt, end.end)
+                return self._blocked(start.start.prompt, first.end)
         except BaseException:
             await responses.aclose()
             raise
@@ -165,8 +176,8 @@ class OpenAIEndpoint:
                 "created": int(time.time()), "model": served}  # fmt: skip
         parsed.prompt_tokens = start.start.prompt.prompt_tokens
         if parsed.stream:
-            return StreamingResponse(self._events(responses, parsed, base), media_type="text/event-stream")
-        return await self._whole(responses, parsed, base)
+            return StreamingResponse(self._events(first, responses, parsed, base), media_type="text/event-stream")
+        return await self._whole(first, responses, parsed, base)
 
     def _generate_request(self, parsed: wire.OpenAIRequest, header_domain: str | None, request_id: str):
         s = parsed.sampling
@@ -194,6 +205,9 @@ class OpenAIEndpoint:
         if isinstance(exc, UpstreamError):
             self._count("error")
             return wire.GatewayError(502, f"upstream: {exc}", type="upstream_error")
+        if isinstance(exc, ContextTooLong):  # retrying will not help: not a 429
+            self._count("rejected")
+            return wire.GatewayError(400, str(exc), code="context_length_exceeded")
         code, message = error_status(exc, request_id="", rpc="OpenAI endpoint")
         self._count("rejected" if code == grpc.StatusCode.INVALID_ARGUMENT else "error")
         return wire.GatewayError(HTTP_STATUS.get(code, 500), message, type=code.name.lower())
@@ -207,7 +221,7 @@ class OpenAIEndpoint:
         )  # fmt: skip
         return JSONResponse(error.body(), status_code=status)
 
-    async def _events(self, responses, parsed: wire.OpenAIRequest, base: dict) -> AsyncIterator[bytes]:
+    async def _events(self, first, responses, parsed: wire.OpenAIRequest, base: dict) -> AsyncIterator[bytes]:
         """OpenAI's stream: a role event, released text, the finish event (our verdict when
         interrupted), usage when asked, [DONE]. Closing it (the client went away) aborts upstream."""
         kind = parsed.kind
@@ -217,7 +231,7 @@ class OpenAIEndpoint:
                 if kind == wire.CHAT:
                     yield self._sse({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                                           "finish_reason": None}]})  # fmt: skip
-                async for response in responses:
+                async for response in _chain(first, responses):
                     which = response.WhichOneof("kind")
                     if which == "chunk" and response.chunk.text:
                         yield self._sse(wire.text_event(base, kind, response.chunk.text))
@@ -225,25 +239,25 @@ class OpenAIEndpoint:
                         end = response.end
                         if end.finish_reason == "upstream_error":
                             continue  # the error follows
-                        reason, guard = self._finish(end)
+                        reason, guard = self._finish(end, parsed.domain)
                         outcome = "interrupted" if guard else "passed"
                         yield self._sse(wire.finish_event(base, kind, reason, guard))
                         if parsed.include_usage:
                             yield self._sse({**base, "choices": [], "usage": self._usage(parsed, end)})
-            yield b"data: [DONE]\n\n"
+            yield DONE
         except Exception as exc:  # headers are out: the error goes as an event, as OpenAI does
             error = self._error(exc)
             outcome = ""
-            yield self._sse(error.body()) + b"data: [DONE]\n\n"
+            yield self._sse(error.body()) + DONE
         finally:
             if outcome:
                 self._count(outcome)
 
-    async def _whole(self, responses, parsed: wire.OpenAIRequest, base: dict) -> JSONResponse:
+    async def _whole(self, first, responses, parsed: wire.OpenAIRequest, base: dict) -> JSONResponse:
         text, end = [], None
         async with contextlib.aclosing(responses):
             try:
-                async for response in responses:
+                async for response in _chain(first, responses):
                     which = response.WhichOneof("kind")
                     if which == "chunk":
                         text.append(response.chunk.text)
@@ -251,7 +265,7 @@ class OpenAIEndpoint:
                         end = response.end
             except Exception as exc:
                 raise self._error(exc) from None
-        reason, guard = self._finish(end)
+        reason, guard = self._finish(end, parsed.domain)
         choice = {"index": 0, "finish_reason": reason, "logprobs": None}
         if parsed.kind == wire.CHAT:
             choice["message"] = {"role": "assistant", "content": "".join(text)}
@@ -265,15 +279,15 @@ class OpenAIEndpoint:
         self._count("interrupted" if guard else "passed")
         return JSONResponse(body)
 
-    def _finish(self, end: pb.GenerationEnd | None) -> tuple[str, dict | None]:
+    @staticmethod
+    def _finish(end: pb.GenerationEnd | None, domain: str) -> tuple[str, dict | None]:
         if end is None:
             raise wire.GatewayError(500, "the generation ended without its end", type="server_error")
         if end.finish_reason != "interrupted":
             return end.finish_reason or "stop", None
-        guard = {"action": "INTERRUPT", "category": end.category, "reason": end.reason,
-                 "released_tokens": end.released_tokens, "generated_tokens": end.generated_tokens}  # fmt: skip
-        if end.HasField("offset"):
-            guard["offset"] = end.offset
+        guard = wire.interrupt_field(domain=domain, category=end.category, reason=end.reason,
+                                     offset=end.offset if end.HasField("offset") else None,
+                                     released_tokens=end.released_tokens)  # fmt: skip
         return "content_filter", guard
 
     @staticmethod
@@ -288,4 +302,10 @@ class OpenAIEndpoint:
 
     @staticmethod
     def _sse(obj: dict) -> bytes:
-        return b"data: " + wire.dumps(obj).encode() + b"\n\n"
+        return encode(wire.dumps(obj))
+
+
+async def _chain(first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]):
+    yield first
+    async for response in rest:
+        yield response

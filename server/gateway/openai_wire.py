@@ -16,6 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CHAT, COMPLETION = "chat", "completion"
+# Content parts whose text vLLM gives the model (all judged), and media parts (not judged: a text
+# guard cannot read them; refused unless the operator allows them).
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal", "thinking": "thinking"}
+MEDIA_PARTS = frozenset({"image_url", "input_image", "image", "image_embeds", "input_audio", "audio_url", "video_url",
+                         "file", "input_file"})  # fmt: skip
+# Request fields that make the answer carry text outside `content` the guard would not see (the
+# tokens again, as log-probabilities): refused through the guard.
+UNGUARDED_OUTPUTS = ("logprobs", "top_logprobs", "prompt_logprobs", "echo")
 PATHS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETION}
 DOMAIN_METADATA_KEY = "guard_domain"
 # Fields of a chat delta or message that reach the user besides `content` (vLLM's reasoning parsers).
@@ -49,14 +57,18 @@ class OpenAIRequest:
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, max_tokens, seed, stop
     include_usage: bool = False
     prompt_tokens: int = 0  # the guard's count, once judged (usage)
+    tools_text: str = ""  # the tool definitions the model reads (judged as a system turn)
+    fields: frozenset[str] = frozenset()  # the body's top-level fields (what a front end may refuse)
 
     @property
     def judged_messages(self) -> list[dict[str, str]]:
-        """The conversation the guard judges (a raw prompt is one user turn)."""
-        return self.messages if self.kind == CHAT else [{"role": "user", "content": self.prompt}]
+        """The conversation the guard judges (a raw prompt is one user turn; tool definitions a
+        system turn before it, as the chat template renders them)."""
+        messages = self.messages if self.kind == CHAT else [{"role": "user", "content": self.prompt}]
+        return [{"role": "system", "content": self.tools_text}, *messages] if self.tools_text else messages
 
 
-def parse_request(kind: str, body: bytes) -> OpenAIRequest:
+def parse_request(kind: str, body: bytes, *, allow_media: bool = False) -> OpenAIRequest:
     """A chat or completions body; GatewayError(400) naming what is wrong."""
     try:
         data = json.loads(body)
@@ -72,7 +84,11 @@ def parse_request(kind: str, body: bytes) -> OpenAIRequest:
     stream = data.get("stream", False)
     if not isinstance(stream, bool):
         raise GatewayError(400, "`stream` must be a boolean", param="stream")
-    request = OpenAIRequest(kind, model, stream, sampling=_sampling(data))
+    for name in UNGUARDED_OUTPUTS:
+        if data.get(name):
+            raise GatewayError(400, f"`{name}` is not served through the guard (it would return unjudged text)",
+                               param=name)  # fmt: skip
+    request = OpenAIRequest(kind, model, stream, sampling=_sampling(data), fields=frozenset(data))
     options = data.get("stream_options") or {}
     request.include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     metadata = data.get("metadata") or {}
@@ -83,13 +99,22 @@ def parse_request(kind: str, body: bytes) -> OpenAIRequest:
         raise GatewayError(400, f"`metadata.{DOMAIN_METADATA_KEY}` must be a string", param="metadata")
     request.domain = domain
     if kind == CHAT:
-        request.messages = _messages(data.get("messages"))
+        request.messages = _messages(data.get("messages"), allow_media)
+        request.tools_text = _tools(data.get("tools"))
     else:
         request.prompt = _prompt(data.get("prompt"))
     return request
 
 
-def _messages(raw: Any) -> list[dict[str, str]]:
+def _tools(raw: Any) -> str:
+    if not raw:
+        return ""
+    if not isinstance(raw, list):
+        raise GatewayError(400, "`tools` must be an array", param="tools")
+    return "Tools:\n" + "\n".join(json.dumps(tool, ensure_ascii=False) for tool in raw)
+
+
+def _messages(raw: Any, allow_media: bool) -> list[dict[str, str]]:
     if not isinstance(raw, list) or not raw:
         raise GatewayError(400, "`messages` must be a non-empty array", param="messages")
     out = []
@@ -100,7 +125,10 @@ def _messages(raw: Any) -> list[dict[str, str]]:
         role = "system" if role == "developer" else role  # the guard's template has no developer role
         if role not in ("system", "user", "assistant", "tool"):
             raise GatewayError(400, f"messages[{i}].role is {role!r}", param="messages")
-        text = _text_of(message.get("content"), f"messages[{i}].content")
+        text = _text_of(message.get("content"), f"messages[{i}].content", allow_media)
+        for name in REASONING_FIELDS:  # an earlier turn's reasoning, when the client sends it back
+            if isinstance(message.get(name), str):
+                text = message[name] + "\n" + text
         for call in message.get("tool_calls") or ():  # what the assistant asked a tool to do is judged too
             function = (call.get("function") or {}) if isinstance(call, dict) else {}
             text += f"\n{function.get('name', '')}({function.get('arguments', '')})"
@@ -108,19 +136,28 @@ def _messages(raw: Any) -> list[dict[str, str]]:
     return out
 
 
-def _text_of(content: Any, where: str) -> str:
-    """A message's text: a string, or the text parts of a parts array (images are not judged)."""
+def _text_of(content: Any, where: str, allow_media: bool) -> str:
+    """A message's text: a string, or the text of every text-like part; media parts only where
+    the operator allows them (a text guard does not read them)."""
     if content is None or isinstance(content, str):
         return content or ""
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
-                parts.append(part["text"])
-            elif not isinstance(part, dict):
-                raise GatewayError(400, f"{where} parts must be objects", param="messages")
-        return "\n".join(parts)
-    raise GatewayError(400, f"{where} must be a string or an array of parts", param="messages")
+    if not isinstance(content, list):
+        raise GatewayError(400, f"{where} must be a string or an array of parts", param="messages")
+    parts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PARTS:
+            value = part.get(TEXT_PARTS[kind])
+            if not isinstance(value, str):
+                raise GatewayError(400, f"{where}[{j}].{TEXT_PARTS[kind]} must be a string", param="messages")
+            parts.append(value)
+        elif kind in MEDIA_PARTS:
+            if not allow_media:
+                raise GatewayError(400, f"{where}[{j}] is a {kind} part: media is not judged by the guard "
+                                   "(the operator may allow it: --gateway-allow-media)", param="messages")  # fmt: skip
+        else:
+            raise GatewayError(400, f"{where}[{j}] has an unknown part type {kind!r}", param="messages")
+    return "\n".join(parts)
 
 
 def _prompt(raw: Any) -> str:
@@ -157,56 +194,97 @@ def _sampling(data: dict) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- responses
 
 
+class MalformedAnswer(ValueError):
+    """An answer whose shape the guard cannot read (so it must not pass)."""
+
+
 def event_text(event: dict, kind: str) -> tuple[str, list[int]]:
-    """The text of choice 0 of a stream event (content, reasoning, tool-call name and arguments,
-    in that order) and its token ids (vLLM's ``return_token_ids``)."""
-    choice = _choice0(event)
+    """The text of a stream event (content, reasoning, refusal, tool-call names and arguments, in
+    that order) and its token ids (vLLM's ``return_token_ids``). MalformedAnswer for a shape
+    the guard cannot read: a second choice, a text field that is not a string."""
+    choice = _only_choice(event)
     if choice is None:
         return "", []
     ids = choice.get("token_ids") or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise MalformedAnswer("`token_ids` is not a list of integers")
     if kind == COMPLETION:
-        return choice.get("text") or "", ids
-    return _delta_text(choice.get("delta") or {}), ids
+        return _string(choice.get("text"), "text"), ids
+    return _delta_text(choice.get("delta")), ids
 
 
 def message_text(body: dict, kind: str) -> str:
-    """The text of choice 0 of a whole (non-streamed) response."""
-    choice = _choice0(body)
+    """The text of a whole (non-streamed) response."""
+    choice = _only_choice(body)
     if choice is None:
         return ""
-    return choice.get("text") or "" if kind == COMPLETION else _delta_text(choice.get("message") or {})
+    if kind == COMPLETION:
+        return _string(choice.get("text"), "text")
+    return _delta_text(choice.get("message"))
 
 
-def _delta_text(delta: dict) -> str:
-    parts = [field_value for name in REASONING_FIELDS if isinstance(field_value := delta.get(name), str)]
-    parts.append(delta.get("content") or "")
-    for call in delta.get("tool_calls") or ():
-        function = (call.get("function") or {}) if isinstance(call, dict) else {}
-        parts.append((function.get("name") or "") + (function.get("arguments") or ""))
-    return "".join(p for p in parts if isinstance(p, str))
-
-
-def _choice0(obj: dict) -> dict | None:
+def _only_choice(obj: dict) -> dict | None:
     choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        return None
+    if choices is None or choices == []:
+        return None  # a usage or error event
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        raise MalformedAnswer("the guard reads exactly one choice per event")
+    if choices[0].get("index", 0) != 0:
+        raise MalformedAnswer("the guard reads choice 0 only")
     return choices[0]
+
+
+def _string(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise MalformedAnswer(f"`{name}` is not a string")
+    return value
+
+
+def _delta_text(delta: Any) -> str:
+    if delta is None:
+        return ""
+    if not isinstance(delta, dict):
+        raise MalformedAnswer("a delta or message is not an object")
+    parts = [_string(delta.get(name), name) for name in (*REASONING_FIELDS, "content", "refusal")]
+    calls = delta.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise MalformedAnswer("`tool_calls` is not a list")
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if function is None:
+            continue
+        if not isinstance(function, dict):
+            raise MalformedAnswer("a tool call's `function` is not an object")
+        parts.append(_string(function.get("name"), "name") + _string(function.get("arguments"), "arguments"))
+    return "".join(parts)
+
+
+def has_tool_calls(event: dict | None) -> bool:
+    choices = (event or {}).get("choices") or [{}]
+    choice = choices[0] if isinstance(choices[0], dict) else {}
+    delta = choice.get("delta") or choice.get("message") or {}
+    return bool(isinstance(delta, dict) and delta.get("tool_calls"))
 
 
 def with_text(obj: dict, kind: str, text: str, *, message: bool = False) -> dict:
     """``obj`` (an event, or a whole response with ``message``) with choice 0 carrying ``text``
-    as its only text: released, possibly redacted, text replaces content, reasoning and tool calls."""
+    as its only text: released, possibly redacted, text replaces content, reasoning, refusal and
+    tool calls; log-probabilities (the tokens again) are dropped."""
     out = json.loads(json.dumps(obj))
-    choice = _choice0(out)
-    if choice is None:
-        out["choices"] = [choice := {"index": 0}]
+    choices = out.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        out["choices"] = choices = [{"index": 0}]
+    choice = choices[0]
     choice.pop("token_ids", None)
+    choice.pop("logprobs", None)
     if kind == COMPLETION:
         choice["text"] = text
         return out
     key = "message" if message else "delta"
     delta = choice.setdefault(key, {})
-    for name in (*REASONING_FIELDS, "tool_calls"):
+    for name in (*REASONING_FIELDS, "refusal", "tool_calls"):
         delta.pop(name, None)
     delta["content"] = text
     return out
@@ -229,6 +307,16 @@ def text_event(base: dict, kind: str, text: str, *, role: bool = False) -> dict:
     else:
         choice["delta"] = {"role": "assistant", "content": text} if role else {"content": text}
     return {**base, "choices": [choice]}
+
+
+def interrupt_field(*, action: str = "INTERRUPT", domain: str, category: str, reason: str, offset: int | None,
+                    released_tokens: int) -> dict:  # fmt: skip
+    """Our verdict in an answer the guard stopped (the ``guard`` field, the same in both gateways)."""
+    out = {"action": action, "domain": domain, "category": category, "reason": reason,
+           "released_tokens": released_tokens}  # fmt: skip
+    if offset is not None:
+        out["offset"] = offset
+    return out
 
 
 def finish_event(base: dict, kind: str, finish_reason: str, guard: dict | None = None) -> dict:

@@ -25,14 +25,13 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+from guard.errors import EngineError
 from guard.policy.rules import FailMode, Policy
 from guard.session.response_session import ChunkOutcome, FinalOutcome, Pending, ResponseSession
 from server.gateway import openai_wire as wire
-from server.gateway.sse import SseDecoder, SseError, SseEvent, encode
+from server.gateway.sse import DONE, SseDecoder, SseEvent, encode
 
 log = logging.getLogger(__name__)
-
-DONE = b"data: [DONE]\n\n"
 
 
 @dataclass
@@ -52,11 +51,8 @@ class BodyFailure(Exception):
 
 def verdict_field(final: FinalOutcome, policy: Policy) -> dict:
     """Our verdict in an interrupted response (the ``guard`` field)."""
-    out = {"action": "INTERRUPT", "domain": policy.name, "category": final.category, "reason": final.reason,
-           "released_tokens": final.released}  # fmt: skip
-    if final.flag_index is not None:
-        out["offset"] = final.flag_index
-    return out
+    return wire.interrupt_field(domain=policy.name, category=final.category, reason=final.reason,
+                                offset=final.flag_index, released_tokens=final.released)  # fmt: skip
 
 
 class _Guarded:
@@ -90,7 +86,10 @@ class GuardedEventStream(_Guarded):
         self._released = ""  # released text not yet sent
         self._reframed = False
         self._base: dict | None = None  # the envelope of the latest event
+        self._tool_calls = False  # the answer calls tools (a redaction cannot be re-framed into those)
+        self._unframeable = False
         self.finished = False  # the client's body is complete (end, interrupt, failure)
+        self.cut = False  # ended before the upstream's end (interrupt, withheld, fail closed): stop the upstream
 
     async def feed(self, chunk: bytes) -> bytes:
         """The bytes the client may see after ``chunk``."""
@@ -108,16 +107,22 @@ class GuardedEventStream(_Guarded):
                     pending.append(self._submit(held))
                 if done:
                     break  # nothing counts after [DONE]
-        except (SseError, BodyFailure) as exc:
-            failure = str(exc)  # what came before it is still judged and sent
-        for item in pending:
-            outcome = await self._resolve(item)
-            if outcome is None:
-                continue
-            self._released += outcome.released_text
-            if outcome.interrupted:
-                return self._interrupted(self.session.final())
+        except BodyFailure as exc:
+            failure = str(exc)
+        failure = failure or self._decoder.error  # what came before it is still judged and sent
+        try:
+            for item in pending:
+                outcome = await self._resolve(item)
+                if outcome is None:
+                    continue
+                self._released += outcome.released_text
+                if outcome.interrupted:
+                    return self._interrupted(self.session.final())
+        except EngineError as exc:  # a limit of the guard (a session's tokens, its idle timeout): not judged
+            return self._emit() + await self.fail(str(exc), closed=True)
         out = self._emit()
+        if self._unframeable:
+            return out + self._withhold_tool_call()
         if failure:
             return out + await self.fail(failure)
         return out + await self._end() if done else out
@@ -126,10 +131,9 @@ class GuardedEventStream(_Guarded):
         """The upstream's body ended: without [DONE] (and its tail) it broke off."""
         if self.finished:
             return b""
-        try:
-            tail = self._decoder.finish()
-        except SseError as exc:
-            return await self.fail(str(exc))
+        tail = self._decoder.finish()
+        if self._decoder.error:
+            return await self.fail(self._decoder.error)
         if tail and tail[0].data == "[DONE]":  # its blank line left out: still the end
             self._held.append(_Held(tail[0].raw, None, done=True))
             return self._emit() + await self._end()
@@ -148,9 +152,13 @@ class GuardedEventStream(_Guarded):
             raise BodyFailure("an event's data is not JSON") from None
         if not isinstance(parsed, dict):
             raise BodyFailure("an event's data is not a JSON object")
-        text, ids = wire.event_text(parsed, self.kind)
+        try:
+            text, ids = wire.event_text(parsed, self.kind)
+        except wire.MalformedAnswer as exc:
+            raise BodyFailure(f"an event the guard cannot read: {exc}") from None
         if parsed.get("choices"):
             self._base = parsed
+            self._tool_calls = self._tool_calls or wire.has_tool_calls(parsed)
         return _Held(event.raw, parsed, text, tuple(ids) if self.use_token_ids else ())
 
     def _submit(self, held: _Held) -> Pending:
@@ -186,6 +194,9 @@ class GuardedEventStream(_Guarded):
                     continue
                 if head.text.startswith(self._released):
                     break  # partly released: the event waits for the rest
+                if self._tool_calls:
+                    self._unframeable = True  # a redacted tool call cannot be re-framed: it is withheld
+                    break
                 self._reframed = True  # released text differs (a redaction): re-frame from here
                 log.debug("event=gateway_reframed session=%s", self.session.id)
             self._held.popleft()  # its text comes out as released text; its finish reason at the end
@@ -209,6 +220,8 @@ class GuardedEventStream(_Guarded):
             self.outcome = "redacted"
         self._released += final.released_text
         out = self._emit()
+        if self._unframeable:
+            return out + self._withhold_tool_call()
         if self._released:  # text that matched no event (a re-framed tail)
             out += self._event(wire.text_event(self._envelope(), self.kind, self._released))
             self._released = ""
@@ -219,27 +232,36 @@ class GuardedEventStream(_Guarded):
 
     def _interrupted(self, final: FinalOutcome) -> bytes:
         out = self._emit()
-        if self._released:  # released text of an event that was only partly released
+        if self._released and not self._tool_calls:  # released text of an event only partly released
             out += self._event(wire.text_event(self._envelope(), self.kind, self._released))
             self._released = ""
         guard = verdict_field(final, self.policy)
         out += self._event(wire.finish_event(self._envelope(), self.kind, "content_filter", guard)) + DONE
         self._held.clear()
-        self.finished = True
+        self.finished = self.cut = True
         self.outcome = "interrupted"
         return out
 
-    async def fail(self, why: str) -> bytes:
+    def _withhold_tool_call(self) -> bytes:
+        final = self.session.withhold("the policy redacts part of a tool call: the call is withheld")
+        guard = wire.interrupt_field(action="REDACT", domain=self.policy.name, category="", reason=final.reason,
+                                     offset=None, released_tokens=final.released)  # fmt: skip
+        self._held.clear()
+        self.finished = self.cut = True
+        self.outcome = "redacted"
+        return self._event(wire.finish_event(self._envelope(), self.kind, "content_filter", guard)) + DONE
+
+    async def fail(self, why: str, *, closed: bool = False) -> bytes:
         """The upstream's body failed: the domain's fail mode decides what of the held part goes."""
         log.warning("event=gateway_upstream_failure session=%s fail_mode=%s", self.session.id,
                     self.policy.fail_mode.value)  # fmt: skip
-        if self.policy.fail_mode is FailMode.OPEN:
+        if self.policy.fail_mode is FailMode.OPEN and not closed:
             self.outcome = "failed_open"
             return await self._end()  # no [DONE]: the stream stays broken, as the upstream left it
         self.outcome = "failed_closed"
         final = self.session.withhold(f"upstream body failed: {why}; fail closed")
         self._held.clear()
-        self.finished = True
+        self.finished = self.cut = True
         error = {"error": {"message": f"the upstream response failed ({why}); the guard withheld "
                                       f"{final.withheld} tokens (fail closed)", "type": "upstream_error"}}  # fmt: skip
         return self._event(error) + DONE
@@ -255,9 +277,11 @@ class GuardedEventStream(_Guarded):
 class GuardedBody(_Guarded):
     """A whole JSON response, judged as one chunk (bounded)."""
 
-    def __init__(self, session: ResponseSession, kind: str, record_chunk, *, max_bytes: int) -> None:
+    def __init__(self, session: ResponseSession, kind: str, record_chunk, *, max_bytes: int,
+                 slice_chars: int = 512) -> None:  # fmt: skip
         super().__init__(session, kind, record_chunk)
         self.max_bytes = max_bytes
+        self.slice_chars = slice_chars  # the text goes to the engine in slices within its chunk limit
         self._body = bytearray()
         self._over = False
         self.finished = False
@@ -272,39 +296,59 @@ class GuardedBody(_Guarded):
     async def end_of_body(self) -> bytes:
         self.finished = True
         if self._over:  # nothing of it was kept: an error, whatever the fail mode
-            return await self._failed(b"", f"the upstream's response is over {self.max_bytes} bytes", closed=True)
+            return await self.fail(f"the upstream's response is over {self.max_bytes} bytes", closed=True)
         body = bytes(self._body)
         try:
             data = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError):
             data = None
         if not isinstance(data, dict):
-            return await self._failed(body, "the upstream's response is not a JSON object")
-        text = wire.message_text(data, self.kind)
+            return await self.fail("the upstream's response is not a JSON object")
+        try:
+            text = wire.message_text(data, self.kind)
+        except wire.MalformedAnswer as exc:
+            return await self.fail(f"the guard cannot read the upstream's response: {exc}")
         if not text:
             return body
-        outcome = await self._resolve(self.session.submit_text(text))
-        released = outcome.released_text if outcome is not None else ""
-        if outcome is None or not outcome.interrupted:
-            tail = await self._resolve(self.session.submit_end())
-            released += tail.released_text if tail is not None else ""
+        try:
+            released = await self._judge(text)
+        except EngineError as exc:  # a limit of the guard (the session's tokens): not judged, not passed
+            return await self.fail(str(exc), closed=True)
         final = self.session.final()
         released += final.released_text
         if final.redactions and self.outcome == "passed":
             self.outcome = "redacted"
         if not final.interrupted and released == text:
             return body
-        out = wire.with_text(data, self.kind, released, message=True)
-        if final.interrupted:
+        calls = wire.has_tool_calls(data)  # a cut or redacted tool call is withheld whole, never re-shaped
+        out = wire.with_text(data, self.kind, "" if calls else released, message=True)
+        if final.interrupted or calls:
             out["choices"][0]["finish_reason"] = "content_filter"
             out["guard"] = verdict_field(final, self.policy)
-            self.outcome = "interrupted"
+            if not final.interrupted:
+                out["guard"].update(action="REDACT", reason="the policy redacts part of a tool call: withheld")
+            self.outcome = "interrupted" if final.interrupted else "redacted"
         return wire.dumps(out).encode()
 
-    async def _failed(self, body: bytes, why: str, *, closed: bool = False) -> bytes:
+    async def _judge(self, text: str) -> str:
+        """The released text: the answer in slices (pipelined), then its end."""
+        pending = [self.session.submit_text(text[i : i + self.slice_chars])
+                   for i in range(0, len(text), self.slice_chars)]  # fmt: skip
+        released = ""
+        for item in [*pending, self.session.submit_end()]:
+            outcome = await self._resolve(item)
+            if outcome is not None:
+                released += outcome.released_text
+                if outcome.interrupted:
+                    break
+        return released
+
+    async def fail(self, why: str, *, closed: bool = False) -> bytes:
+        """The answer cannot be judged: fail open passes it as it came, fail closed withholds it."""
+        self.finished = True
         if self.policy.fail_mode is FailMode.OPEN and not closed:
             self.outcome = "failed_open"
-            return body
+            return bytes(self._body)
         self.outcome = "failed_closed"
         self.session.withhold(f"{why}; fail closed")
         return wire.dumps({"error": {"message": f"{why}; the guard withheld it (fail closed)",

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 # An event ends at a blank line; lines end in CRLF, LF or CR (the SSE specification allows all
 # three). A CR followed by LF is one line end, never two.
 _EVENT_END = re.compile(rb"(?:\r\n|\n|\r(?!\n))(?:\r\n|\n|\r(?!\n))")
+_LINES = re.compile(r"\r\n|\r|\n")
+DONE = b"data: [DONE]\n\n"
 
 
 class SseError(ValueError):
-    """The body is not a well-formed event stream (an event too long, or not UTF-8)."""
+    """An event is not well formed (not UTF-8)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class SseDecoder:
     def __init__(self, max_event_bytes: int = 1 << 20) -> None:
         self.max_event_bytes = max_event_bytes
         self._tail = b""
+        self.error = ""  # set when the body turned out malformed: the events before it still count
 
     @property
     def pending(self) -> int:
@@ -39,26 +42,40 @@ class SseDecoder:
         return len(self._tail)
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
-        """The events that ``chunk`` completes, in order."""
+        """The events that ``chunk`` completes, in order. A malformed event ends decoding: the
+        events before it are returned and ``error`` says what was wrong (later calls give nothing)."""
+        if self.error:
+            return []
+        scanned = max(len(self._tail) - 3, 0)  # no event ended inside the tail (but a CRLF may span chunks)
         buffer = self._tail + chunk
         events = []
         start = 0
         while True:
-            end = _EVENT_END.search(buffer, start)
+            end = _EVENT_END.search(buffer, max(start, scanned))
             if end is None or (end.end() == len(buffer) and buffer.endswith(b"\r")):
                 break  # (a CR at the very end may be half of a CRLF: wait for the next byte)
-            events.append(_parse(buffer[start : end.end()]))
+            try:
+                events.append(_parse(buffer[start : end.end()]))
+            except SseError as exc:
+                self.error, self._tail = str(exc), b""
+                return events
             start = end.end()
         self._tail = buffer[start:]
         if len(self._tail) > self.max_event_bytes:
-            raise SseError(f"an event is longer than {self.max_event_bytes} bytes")
+            self.error, self._tail = f"an event is longer than {self.max_event_bytes} bytes", b""
         return events
 
     def finish(self) -> list[SseEvent]:
-        """The end of the body: an unterminated last event still counts (as browsers do not, but
-        servers that omit the final blank line exist); whitespace alone is nothing."""
+        """The end of the body: an unterminated last event still counts (servers that omit the
+        final blank line exist); whitespace alone is nothing."""
         tail, self._tail = self._tail, b""
-        return [_parse(tail)] if tail.strip() else []
+        if self.error or not tail.strip():
+            return []
+        try:
+            return [_parse(tail)]
+        except SseError as exc:
+            self.error = str(exc)
+            return []
 
 
 def _parse(raw: bytes) -> SseEvent:
@@ -67,7 +84,7 @@ def _parse(raw: bytes) -> SseEvent:
     except UnicodeDecodeError as exc:
         raise SseError(f"an event is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
     data, event = [], ""
-    for line in text.splitlines():
+    for line in _LINES.split(text):  # CR, LF, CRLF only: str.splitlines would also split on U+2028
         if not line or line.startswith(":"):
             continue
         name, _, value = line.partition(":")
