@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +81,25 @@ class GuardRuntime:
         if cfg.is_demo:
             text += f" -- {cfg.demo.get('notice', 'DEMO MODEL, not a safety model')}"
         return text
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A short fingerprint of the checkpoint (the audit log names the model that decided):
+        SHA-256 over config.json and each weights file's name, size and tensor index (its
+        safetensors header), not the gigabytes of weights."""
+        h = hashlib.sha256()
+        root = self.guard.path
+        for path in sorted([root / "config.json", *root.glob("*.safetensors")]):
+            if not path.is_file():
+                continue
+            h.update(path.name.encode() + str(path.stat().st_size).encode())
+            with path.open("rb") as f:
+                if path.suffix == ".safetensors":
+                    size = int.from_bytes(f.read(8), "little")
+                    h.update(f.read(min(size, 64 * 2**20)))
+                else:
+                    h.update(f.read())
+        return h.hexdigest()[:16]
 
     def close(self) -> None:
         self.engine.shutdown()

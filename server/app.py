@@ -22,6 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from guard.policy.loader import PolicyError, PolicyStore
+from server.audit import HEALTH_NAME as AUDIT_HEALTH
+from server.audit import AuditLog
 from server.metrics import Metrics, MetricsInterceptor
 from server.registry import HostedService, ServiceContext, ServiceLoadError, ServiceSpec, all_specs
 from server.settings import ServeSettings
@@ -43,6 +45,7 @@ class Sidecar:
     settings: ServeSettings
     policies: PolicyStore
     services: list[tuple[ServiceSpec, HostedService]] = field(default_factory=list)
+    audit: AuditLog | None = None
 
     def service(self, name: str) -> HostedService:
         for spec, hosted in self.services:
@@ -91,8 +94,11 @@ class Sidecar:
         # no longer walks it between two chunks.
         gc.collect()
         gc.freeze()
-        log.info("event=ready services=%s frozen_objects=%d", ",".join(spec.name for spec, _ in self.services),
-                 gc.get_freeze_count())
+        log.info(
+            "event=ready services=%s frozen_objects=%d",
+            ",".join(spec.name for spec, _ in self.services),
+            gc.get_freeze_count(),
+        )
         await self._set_health(("",), True)
 
     async def drain(self, grace: float | None = None) -> None:
@@ -109,6 +115,8 @@ class Sidecar:
                     await hosted.close()
                 except Exception:
                     log.exception("event=service_close_failed service=%s", spec.name)
+        if self.audit is not None:
+            self.audit.close()
         log.info("event=stopped")
 
 
@@ -128,9 +136,13 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     metrics.on_policy_change(policies)
     server = grpc.aio.server(
         interceptors=[MetricsInterceptor(metrics), WireErrorsInterceptor()],
-        options=[("grpc.max_receive_message_length", settings.max_message_mb * 2**20), ("grpc.so_reuseport", 0)],
+        options=settings.server_options(),
     )
-    context = ServiceContext(settings, metrics, policies)
+    audit = None
+    if settings.audit_log:
+        audit = AuditLog(settings.audit_log, metrics, max_bytes=settings.audit_max_bytes,
+                         backups=settings.audit_backups, log_content=settings.log_content)  # fmt: skip
+    context = ServiceContext(settings, metrics, policies, audit=audit)
     hosted_services = []
     for spec in all_specs():
         if not spec.enabled(settings):
@@ -149,8 +161,17 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     port = server.add_insecure_port(settings.address)
     if port == 0:
         raise OSError(f"cannot listen on {settings.address}")
-    sidecar = Sidecar(server, port, health_servicer, metrics, settings, policies, hosted_services)
+    sidecar = Sidecar(server, port, health_servicer, metrics, settings, policies, hosted_services, audit)
     await sidecar.set_serving(False)
+    if audit is not None:  # a failing audit log turns its own health name NOT_SERVING (degraded)
+        loop = asyncio.get_running_loop()
+        await health_servicer.set(AUDIT_HEALTH, health_pb2.HealthCheckResponse.SERVING)
+        audit.on_health = lambda ok: loop.create_task(
+            health_servicer.set(
+                AUDIT_HEALTH,
+                (health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING),
+            )
+        )
     if settings.policy_dir() is not None and settings.policy_poll_s > 0:
         policies.watch(settings.policy_poll_s)
     await server.start()

@@ -50,6 +50,7 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
         self.upstream = upstream
         self._path = None if input_path == "auto" else input_path
         self._path_lock = asyncio.Lock()
+        self.front_end = "generate"  # the audit log's name for this front end (ParScale's instance says so)
 
     async def input_path(self, runtime) -> str:
         """ "token_ids" when the upstream tokenizes exactly like the guard, else "text" (cached)."""
@@ -80,7 +81,9 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
             self.guard.metrics.errors.labels(code.name).inc()
             await context.abort(code, message)
 
-    async def stream(self, request: pb.GenerateRequest, *, raw_prompt: str = "") -> AsyncIterator[pb.GenerateResponse]:
+    async def stream(
+        self, request: pb.GenerateRequest, *, raw_prompt: str = "", front_end: str = ""
+    ) -> AsyncIterator[pb.GenerateResponse]:
         """The guarded generation, transport-free (the gRPC method and the OpenAI endpoint drive it):
         raises the caller's errors (InvalidInput, Unavailable, UpstreamError, ...) for the front end
         to map. ``raw_prompt``: a completion prompt (no chat template), judged as one user turn,
@@ -118,14 +121,15 @@ class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
                 policy=policy,
                 loop=asyncio.get_running_loop(),
             )
+            request_id = request_id or uuid.uuid4().hex
             session = ResponseSession(
                 stream,
                 policy,
                 requested_release_mode(request.release_mode, policy),
                 runtime.tokenizer.hf,
                 draining=lambda: self.guard.holder.draining,
+                audit=self.guard.audit_trail(policy, request_id, front_end or self.front_end),
             )
-            request_id = request_id or uuid.uuid4().hex
             topic = self.guard.topic_check(policy, messages, request.prompt_token_ids)
             prompt = await session.judge_prompt(topic)
             self.guard.record_prompt(policy, prompt)

@@ -168,6 +168,13 @@ class Metrics:
             registry=r,
         )
         self.parscale_kv_bytes = Gauge("guard_parscale_kv_cache_bytes", "ParScale KV cache memory held.", registry=r)
+        self.audit_records = Counter(
+            "guard_audit_records_total", "Audit records written, by kind (decision, end).", ("kind",), registry=r
+        )
+        self.audit_failures = Counter(
+            "guard_audit_write_failures_total", "Audit records that could not be written (counted, never silent).",
+            registry=r,
+        )  # fmt: skip
         self.gateway_requests = Counter(
             "guard_gateway_requests_total",
             "Requests through a gateway front end (ext_proc, openai) by how they ended: passed, blocked, "

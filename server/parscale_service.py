@@ -48,6 +48,7 @@ class ParScaleService(pb_grpc.ParScaleServicer):
     def __init__(self, holder: ParScaleHolder, guard: StreamGuardService) -> None:
         self.holder = holder
         self.generation = GuardedGenerationService(guard, None)  # its upstream: set on load
+        self.generation.front_end = "parscale"
         self.metrics = guard.metrics
 
     def attach(self, model: ParScaleModel) -> None:

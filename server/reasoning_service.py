@@ -188,6 +188,7 @@ class ReasonerService(pb_grpc.ReasonerServicer):
                 requested_release_mode(request.release_mode, policy),
                 runtime.tokenizer.hf,
                 draining=lambda: self.guard.holder.draining,
+                audit=self.guard.audit_trail(policy, request_id, "reasoner"),
             )
             generation_prompt = [*rendered.prompt_ids, *preamble]
             if not memory_mode:  # the memory agent's answer prompt is checked once it exists
@@ -196,7 +197,8 @@ class ReasonerService(pb_grpc.ReasonerServicer):
             self.guard.record_prompt(policy, prompt)
             blocked_by = ""
             if memory_mode and not prompt.blocked:  # the document is input too: judged before it is read
-                found = await self._judge_document(model, runtime, policy, request.document.question.strip(), document)
+                question = request.document.question.strip()
+                found = await self._judge_document(model, runtime, policy, question, document, request_id)
                 if found is not None:
                     prompt, blocked_by = found
             prompt_msg = prompt_pb(prompt, policy)
@@ -290,7 +292,7 @@ class ReasonerService(pb_grpc.ReasonerServicer):
                 yield list(event.answer_prompt_ids)
 
     async def _judge_document(
-        self, model: ReasonerModel, runtime, policy: Policy, question: str, document: str
+        self, model: ReasonerModel, runtime, policy: Policy, question: str, document: str, request_id: str
     ) -> tuple[PromptOutcome, str] | None:
         """A document read by the memory agent is longer than the guard reads at once: it is judged
         in overlapping windows, each as a user turn with the question, as the prompt is. The first
@@ -315,7 +317,8 @@ class ReasonerService(pb_grpc.ReasonerServicer):
             stream = runtime.moderator.open(
                 prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy, loop=loop
             )
-            session = ResponseSession(stream, policy, ReleaseMode.HOLD_BACK, hf)
+            audit = self.guard.audit_trail(policy, request_id, "reasoner_document")
+            session = ResponseSession(stream, policy, ReleaseMode.HOLD_BACK, hf, audit=audit)
             try:
                 outcome = await session.judge_prompt()
             finally:

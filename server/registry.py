@@ -24,6 +24,7 @@ import grpc
 
 if TYPE_CHECKING:
     from guard.policy.loader import PolicyStore
+    from server.audit import AuditLog
     from server.media import MediaDecoding
     from server.metrics import Metrics
     from server.settings import ServeSettings
@@ -66,6 +67,7 @@ class ServiceContext:
     metrics: Metrics
     policies: PolicyStore
     built: dict[str, HostedService] = field(default_factory=dict)  # services built before this one
+    audit: AuditLog | None = None  # the decision audit log (None when turned off)
     _media: MediaDecoding | None = None
 
     @property

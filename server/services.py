@@ -50,7 +50,7 @@ def _stream_guard(ctx: ServiceContext) -> HostedService:
     from server.stream_guard import RuntimeHolder, StreamGuardService
 
     holder = RuntimeHolder()
-    service = StreamGuardService(holder, ctx.settings, ctx.metrics, ctx.policies, _topic_matcher(ctx))
+    service = StreamGuardService(holder, ctx.settings, ctx.metrics, ctx.policies, _topic_matcher(ctx), ctx.audit)
     s = ctx.settings
 
     async def load() -> None:

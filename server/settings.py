@@ -77,7 +77,17 @@ class ServeSettings:
     vision_max_source_pixels: int = 64_000_000  # one decoded image, before resizing (no decompression bombs)
     vision_default_fps: float = 2.0  # a video's frame rate when the request gives none
     vision_decode_workers: int = 2  # images and videos decoded at once (threads, off the event loop)
-    max_message_mb: int = 32  # largest gRPC request (images travel inside requests)
+    max_message_mb: int = 32  # largest gRPC message, either way (images travel inside requests)
+    # gRPC transport hardening (see server_options): a client cannot hold the server with pings,
+    # idle connections or unbounded streams; connections are recycled so load spreads again.
+    grpc_max_concurrent_streams: int = 1024  # per connection; more wait in the client (HTTP/2)
+    grpc_keepalive_time_s: float = 60.0  # the server pings a connection idle this long
+    grpc_keepalive_timeout_s: float = 20.0  # ... and closes it when the ping is not answered in time
+    grpc_min_ping_interval_s: float = 10.0  # clients may ping no more often (keepalive enforcement)
+    grpc_max_ping_strikes: int = 2  # pings faster than that before the connection is closed (GOAWAY)
+    grpc_max_connection_idle_s: float = 0.0  # close connections without RPCs for this long; 0 = never
+    grpc_max_connection_age_s: float = 0.0  # GOAWAY after this long (rebalancing); 0 = never
+    grpc_max_connection_age_grace_s: float = 300.0  # open streams may finish within this after the GOAWAY
     reasoner: str = ""  # Qwen3 causal LM checkpoint, 'demo', 'upstream' (the vLLM upstream), or '' (off)
     reasoner_sae: str = ""  # SAE directory (sae.safetensors, config.json, features.csv); '' = <reasoner>/sae if any
     reasoner_context_window: int = 0  # tokens; 0 = the model's max_position_embeddings (upstream: 32768)
@@ -117,7 +127,10 @@ class ServeSettings:
     policy_poll_s: float = 0.25  # how often the policy directory is checked for edits
     grace_period_s: float = 20.0  # drain on SIGTERM; keep below terminationGracePeriodSeconds
     log_level: str = "INFO"
-    log_content: bool = False  # operators may opt in to prompt/response text in logs
+    log_content: bool = False  # operators may opt in to prompt/response text in logs (and the audit log)
+    audit_log: str = "-"  # the decision audit log: '-' = stdout, a file path (rotated by size), '' = off
+    audit_max_bytes: int = 100 * 2**20  # a file audit log rotates at this size
+    audit_backups: int = 5  # rotated files kept
     # Options of plug-in services (server/registry.py), as (name, value) pairs: --{name} / GUARD_{NAME}.
     plugin_options: tuple[tuple[str, Any], ...] = field(default=(), metadata={"flag": False})
 
@@ -132,6 +145,32 @@ class ServeSettings:
             if option.name == name:
                 return option.default
         raise KeyError(f"no service declares the option {name!r}")
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """The gRPC server's channel arguments: message sizes, keepalive enforcement, connection
+        age and idleness, concurrent streams per connection (grpc core's names)."""
+
+        def ms(seconds: float) -> int:
+            return int(seconds * 1000)
+
+        options = [
+            ("grpc.max_receive_message_length", self.max_message_mb * 2**20),
+            ("grpc.max_send_message_length", self.max_message_mb * 2**20),
+            ("grpc.max_concurrent_streams", self.grpc_max_concurrent_streams),
+            ("grpc.keepalive_time_ms", ms(self.grpc_keepalive_time_s)),
+            ("grpc.keepalive_timeout_ms", ms(self.grpc_keepalive_timeout_s)),
+            ("grpc.keepalive_permit_without_calls", 1),  # idle gateway connections may keep themselves alive
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.grpc_min_ping_interval_s)),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(self.grpc_min_ping_interval_s)),
+            ("grpc.http2.max_ping_strikes", self.grpc_max_ping_strikes),
+            ("grpc.so_reuseport", 0),  # a second sidecar on the same port fails to start, not shares it
+        ]
+        if self.grpc_max_connection_idle_s > 0:
+            options.append(("grpc.max_connection_idle_ms", ms(self.grpc_max_connection_idle_s)))
+        if self.grpc_max_connection_age_s > 0:
+            options.append(("grpc.max_connection_age_ms", ms(self.grpc_max_connection_age_s)))
+            options.append(("grpc.max_connection_age_grace_ms", ms(self.grpc_max_connection_age_grace_s)))
+        return options
 
     def engine_limits(self) -> EngineLimits:
         from guard.model.engine import EngineLimits  # the model runtime (torch): only when serving

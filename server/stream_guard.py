@@ -28,9 +28,11 @@ from guard.policy.loader import PolicyStore
 from guard.policy.rules import Policy, ReleaseDefault
 from guard.policy.topics import TopicMatch, TopicMatcher
 from guard.runtime import GuardRuntime
+from guard.session.audit import AuditContext, AuditTrail
 from guard.session.moderation import ModeratedStream
 from guard.session.release import ReleaseMode
 from guard.session.response_session import ChunkOutcome, Pending, PromptOutcome, ResponseSession
+from server.audit import AuditLog
 from server.metrics import Metrics
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
@@ -75,12 +77,22 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
         metrics: Metrics,
         policies: PolicyStore,
         topics: TopicMatcher | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.holder = holder
         self.settings = settings
         self.metrics = metrics
         self.policies = policies
         self.topics = topics  # the Embedder's topic matcher; None without the Embedder
+        self.audit = audit  # the decision audit log; None when turned off
+
+    def audit_trail(self, policy: Policy, request_id: str, front_end: str) -> AuditTrail | None:
+        """The audit trail of one response (any front end), or None when the audit log is off."""
+        if self.audit is None:
+            return None
+        runtime = self.holder.ready()
+        context = AuditContext(request_id, front_end, model=runtime.guard.path.name, model_digest=runtime.digest)
+        return self.audit.trail(policy, context)
 
     def topic_check(
         self, policy: Policy, messages: Sequence, prompt_token_ids: Sequence[int] = ()
@@ -158,6 +170,7 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
                 requested_release_mode(opened.release_mode, policy),
                 runtime.tokenizer.hf,
                 draining=lambda: self.holder.draining,
+                audit=self.audit_trail(policy, request_id or stream.id, "moderate"),
             )
             self.metrics.live_sessions.set(runtime.engine.live_sessions)
             log.info(

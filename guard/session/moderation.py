@@ -183,6 +183,7 @@ class ModeratedStream:
         self.last_submitted_ids: list[int] = []  # ids of the latest feed (text: what the tokenizer released)
         self.flag_category: str | None = None  # category of the token at which the rule fired
         self.prompt_scores = prompt  # the engine's future (of the stream's loop, when opened with one)
+        self.prompt_ids: tuple[int, ...] = ()  # what the prompt verdict judged (the audit hashes its text)
 
     @property
     def id(self) -> str:
@@ -337,4 +338,6 @@ class StreamModerator:
         session, prompt = self.engine.open_session(
             rendered.prompt_ids, rendered.preamble_ids, session_id=session_id, loop=loop
         )
-        return ModeratedStream(self, session, prompt, policy or Policy())
+        stream = ModeratedStream(self, session, prompt, policy or Policy())
+        stream.prompt_ids = rendered.prompt_ids
+        return stream

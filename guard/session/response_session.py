@@ -31,6 +31,7 @@ from guard.errors import EngineStopped, ModelFailed
 from guard.policy.actions import PROMPT_ACTIONS, Action
 from guard.policy.rules import FailMode, Policy
 from guard.policy.topics import TopicMatch
+from guard.session.audit import AuditTrail
 from guard.session.moderation import ChunkVerdict, ModeratedStream, PromptVerdict
 from guard.session.release import ReleaseMode, ReleaseTracker
 from guard.session.verdict import TokenVerdict
@@ -138,12 +139,15 @@ class ResponseSession:
         hf_tokenizer: Any,
         *,
         draining: Callable[[], bool] = lambda: False,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.stream = stream
         self.policy = policy
         self.release = ReleaseTracker(mode, hf_tokenizer, policy.redact_marker)
+        self._hf = hf_tokenizer
         self._draining = draining
         self._state = _State()
+        self.audit = audit  # decisions and the end written to the audit log (no text)
 
     # ------------------------------------------------------------------ state
 
@@ -186,6 +190,16 @@ class ResponseSession:
     def close(self, reason: str = "closed") -> None:
         """Free the engine session (idempotent); every front end calls it in ``finally``."""
         self.stream.close(reason)
+        if self.audit is not None and not self.audit.ended:
+            state, release = self._state, self.release
+            if state.failure:
+                outcome = "fail_closed"
+            elif state.interrupted:
+                outcome = "interrupted" if self.stream.flag_index is not None else "withheld"
+            else:
+                outcome = "completed" if state.ended else "ended early"
+            self.audit.end(outcome, reason, state.judged, release.released, release.received - release.released,
+                           release.received_text)  # fmt: skip
 
     # ------------------------------------------------------------------ prompt
 
@@ -193,6 +207,21 @@ class ResponseSession:
         """The prompt's verdict and action. ``topic`` (the policy's topic match, computed by the
         Embedder) runs beside the model; the stricter action wins. The Embedder failing or being
         too slow is a model failure too: the policy's fail mode decides."""
+        outcome = await self._judge_prompt(topic)
+        if self.audit is not None:
+            v = outcome.verdict
+            category = (v.verdict.category if v is not None else "") or ""
+            if not category and outcome.topic is not None:
+                category = outcome.topic.topic.name
+            risk = v.level.name if v is not None else ""
+            failure = outcome.model_failure or outcome.reason
+            self.audit.prompt(outcome.action, category, risk, failure, self._prompt_text)
+        return outcome
+
+    def _prompt_text(self) -> str:
+        return self._hf.decode(self.stream.prompt_ids)
+
+    async def _judge_prompt(self, topic: Awaitable[TopicMatch | None] | None) -> PromptOutcome:
         matching = asyncio.ensure_future(topic) if topic is not None else None
         try:
             verdict = self.stream.judge_prompt(await self._await(self.stream.prompt_scores))
@@ -275,6 +304,20 @@ class ResponseSession:
         """The chunk's outcome; None when there is nothing to report (an id stream's end, or the
         response was already stopped). Raises the engine's error for a caller's fault (expired
         session, limits): the front end ends the stream with its status."""
+        outcome = await self._resolve(pending)
+        if self.audit is not None and outcome is not None:
+            if outcome.interrupted and outcome.verdict is not None:
+                category = self.stream.flag_category or ""
+            else:
+                v, position = outcome.verdict, None
+                if v is not None and outcome.action is not Action.CONTINUE:
+                    position = v.first_with(outcome.action)
+                category = v.category_at(position) if position is not None else ""
+            self.audit.chunk(outcome.action, category, outcome.flag_index, outcome.judged, outcome.model_failure,
+                             self.release.received_text)  # fmt: skip
+        return outcome
+
+    async def _resolve(self, pending: Pending) -> ChunkOutcome | None:
         if self._state.interrupted:
             return None
         if pending.failure:

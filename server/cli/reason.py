@@ -86,6 +86,7 @@ async def _run(args) -> dict:
         policies=args.policies or "",
         device=args.device,
         dtype=args.dtype,
+        audit_log="",  # stdout is this command's output
     )
     sidecar = await start_sidecar(settings)
     out: dict = {"reasoning": "", "answer": "", "reasoning_ids": [], "answer_ids": [], "progress": []}

@@ -213,7 +213,8 @@ class _Exchange:
         except EngineError as exc:
             raise wire.GatewayError(400, str(exc)) from None
         self.session = ResponseSession(stream, policy, requested_release_mode(0, policy), runtime.tokenizer.hf,
-                                       draining=lambda: self.guard.holder.draining)  # fmt: skip
+                                       draining=lambda: self.guard.holder.draining,
+                                       audit=self.guard.audit_trail(policy, self.request_id, "ext_proc"))  # fmt: skip
         topic = self.guard.topic_check(policy, request.judged_messages, ())
         prompt = await self.session.judge_prompt(topic)
         self.guard.record_prompt(policy, prompt)

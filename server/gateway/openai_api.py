@@ -161,7 +161,7 @@ class OpenAIEndpoint:
         request_id = ("chatcmpl-" if kind == wire.CHAT else "cmpl-") + uuid.uuid4().hex
         request = self._generate_request(parsed, http.headers.get(self.settings.gateway_domain_header), request_id)
         parsed.domain = request.domain or self.settings.default_domain
-        responses = self.generation.stream(request, raw_prompt=parsed.prompt)
+        responses = self.generation.stream(request, raw_prompt=parsed.prompt, front_end="openai")
         try:
             start = await self._next(responses)
             first = await self._next(responses)  # the upstream's first answer (or its refusal) before any header
