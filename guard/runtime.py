@@ -84,21 +84,19 @@ class GuardRuntime:
 
     @functools.cached_property
     def digest(self) -> str:
-        """A short fingerprint of the checkpoint (the audit log names the model that decided):
-        SHA-256 over config.json and each weights file's name, size and tensor index (its
-        safetensors header), not the gigabytes of weights."""
+        """The checkpoint's fingerprint (the audit log names the model that decided): SHA-256 over
+        every file that decides a verdict (config, weights, tokenizer, chat template), streamed.
+        Computed once, at load, off the event loop (a few seconds per GB)."""
         h = hashlib.sha256()
         root = self.guard.path
-        for path in sorted([root / "config.json", *root.glob("*.safetensors")]):
+        names = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+        for path in sorted([*(root / n for n in names), *root.glob("*.safetensors")]):
             if not path.is_file():
                 continue
-            h.update(path.name.encode() + str(path.stat().st_size).encode())
+            h.update(path.name.encode() + b"\0")
             with path.open("rb") as f:
-                if path.suffix == ".safetensors":
-                    size = int.from_bytes(f.read(8), "little")
-                    h.update(f.read(min(size, 64 * 2**20)))
-                else:
-                    h.update(f.read())
+                while block := f.read(1 << 22):
+                    h.update(block)
         return h.hexdigest()[:16]
 
     def close(self) -> None:

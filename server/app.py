@@ -166,12 +166,12 @@ async def start_sidecar(settings: ServeSettings, *, load: bool = True) -> Sideca
     if audit is not None:  # a failing audit log turns its own health name NOT_SERVING (degraded)
         loop = asyncio.get_running_loop()
         await health_servicer.set(AUDIT_HEALTH, health_pb2.HealthCheckResponse.SERVING)
-        audit.on_health = lambda ok: loop.create_task(
-            health_servicer.set(
-                AUDIT_HEALTH,
-                (health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING),
-            )
-        )
+
+        def audit_health(ok: bool) -> None:  # on the audit writer's thread
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            loop.call_soon_threadsafe(lambda: loop.create_task(health_servicer.set(AUDIT_HEALTH, status)))
+
+        audit.on_health = audit_health
     if settings.policy_dir() is not None and settings.policy_poll_s > 0:
         policies.watch(settings.policy_poll_s)
     await server.start()

@@ -1,7 +1,11 @@
 """The audit log: one JSON line per guard decision and per response end (guard/session/audit.py
-makes the records), to stdout or to a file rotated by size. Writing never loses a decision
-silently: a failed write is counted (``guard_audit_write_failures_total``) and turns the audit
-health name (``qwen3guard.audit``) NOT_SERVING until a write succeeds again."""
+makes the records), to stdout or to a file rotated by size.
+
+Records are handed to a writer thread through a bounded queue, so a slow disk never stalls the
+event loop (every stream). Nothing is lost silently: a record that cannot be written (the disk
+fails, or the queue is full because it is too slow) is counted
+(``guard_audit_write_failures_total``) and turns the audit health name (``qwen3guard.audit``)
+NOT_SERVING until a write succeeds again."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ import contextlib
 import json
 import logging
 import logging.handlers
+import queue
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -18,67 +24,79 @@ from guard.session.audit import AuditContext, AuditTrail
 from server.metrics import Metrics
 
 HEALTH_NAME = "qwen3guard.audit"
+QUEUE_RECORDS = 10_000  # records waiting for the writer (a slow disk; beyond: counted as failed)
+_STOP = object()
 
-
-class _Handler(logging.Handler):
-    """Reports the outcome of every write (logging handlers swallow errors by default)."""
-
-    def __init__(self, inner: logging.Handler, on_result: Callable[[bool], None]) -> None:
-        super().__init__()
-        self.inner, self.on_result = inner, on_result
-        self.inner.handleError = lambda record: None  # we report it below, not as a stderr traceback
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self.inner.acquire()
-            try:
-                if isinstance(self.inner, logging.handlers.RotatingFileHandler) and self.inner.shouldRollover(record):
-                    self.inner.doRollover()
-                stream = self.inner.stream
-                stream.write(record.getMessage() + "\n")
-                stream.flush()
-            finally:
-                self.inner.release()
-        except Exception:
-            self.on_result(False)
-        else:
-            self.on_result(True)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # its last flush failed: each record was already reported failed
-            self.inner.close()
-        super().close()
+log = logging.getLogger(__name__)
 
 
 class AuditLog:
-    def __init__(self, target: str, metrics: Metrics, *, max_bytes: int, backups: int, log_content: bool) -> None:
+    def __init__(self, target: str, metrics: Metrics, *, max_bytes: int, backups: int, log_content: bool,
+                 queue_records: int = QUEUE_RECORDS) -> None:  # fmt: skip
         """``target``: "-" for stdout, or a file path (rotated at ``max_bytes``, ``backups`` kept)."""
-        if target == "-":
-            inner: logging.Handler = logging.StreamHandler(sys.stdout)
-        else:
-            inner = logging.handlers.RotatingFileHandler(target, maxBytes=max_bytes, backupCount=backups,
-                                                         encoding="utf-8", delay=False)  # fmt: skip
+        self._file: logging.handlers.RotatingFileHandler | None = None
+        if target != "-":  # the rotation logic of the standard library's handler, driven by our thread
+            self._file = logging.handlers.RotatingFileHandler(target, maxBytes=max_bytes, backupCount=backups,
+                                                              encoding="utf-8")  # fmt: skip
         self.metrics = metrics
         self.log_content = log_content
         self.healthy = True
-        self.on_health: Callable[[bool], None] = lambda healthy: None
-        self._handler = _Handler(inner, self._written)
-        self._logger = logging.Logger("qwen3guard.audit")  # not in the logging tree: never mixed with logs
-        self._logger.addHandler(self._handler)
-
-    def _written(self, ok: bool) -> None:
-        if not ok:
-            self.metrics.audit_failures.inc()
-        if ok != self.healthy:
-            self.healthy = ok
-            self.on_health(ok)
+        self.on_health: Callable[[bool], None] = lambda healthy: None  # called on the writer thread
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_records)
+        self._lock = threading.Lock()  # the health state, from the loop (a full queue) and the writer
+        self._closed = False
+        self._writer = threading.Thread(target=self._run, name="guard-audit", daemon=True)
+        self._writer.start()
 
     def write(self, record: dict[str, Any]) -> None:
+        """Queue one record (never blocks the caller)."""
         self.metrics.audit_records.labels(record["kind"]).inc()
-        self._logger.info("%s", json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        if self._closed:
+            self._result(False)  # after the drain: counted, not silently dropped
+            return
+        try:
+            self._queue.put_nowait(json.dumps(record, ensure_ascii=False, separators=(",", ":")))
+        except queue.Full:
+            self._result(False)
 
-    def trail(self, policy: Policy, context: AuditContext) -> AuditTrail:
-        return AuditTrail(self.write, context, policy, log_content=self.log_content)
+    def trail(self, policy: Policy, context: AuditContext, *, end_record: bool = True) -> AuditTrail:
+        return AuditTrail(self.write, context, policy, log_content=self.log_content, end_record=end_record,
+                          on_error=lambda: self._result(False))  # fmt: skip
+
+    def _run(self) -> None:
+        while (line := self._queue.get()) is not _STOP:
+            self._result(self._write_line(line))
+
+    def _write_line(self, line: str) -> bool:
+        try:
+            if self._file is None:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+                return True
+            record = logging.makeLogRecord({"msg": line})
+            if self._file.shouldRollover(record):
+                self._file.doRollover()
+            self._file.stream.write(line + "\n")
+            self._file.stream.flush()
+            return True
+        except Exception:
+            return False
+
+    def _result(self, ok: bool) -> None:
+        if not ok:
+            self.metrics.audit_failures.inc()
+        with self._lock:
+            changed, self.healthy = ok != self.healthy, ok
+        if changed:
+            log.log(logging.INFO if ok else logging.ERROR, "event=audit_log_%s", "recovered" if ok else "failing")
+            self.on_health(ok)
 
     def close(self) -> None:
-        self._handler.close()
+        """Write what is queued, then stop the writer and close the file."""
+        self._closed = True
+        with contextlib.suppress(queue.Full):  # a writer stuck on a dead disk does not hold the drain
+            self._queue.put(_STOP, timeout=10)
+        self._writer.join(10)
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # its last flush failed: each record was already counted failed
+                self._file.close()

@@ -375,6 +375,7 @@ class _Generation:
             self.progress.generated,
         )
         if self.policy.fail_mode is FailMode.OPEN:
+            self.session.fail_open(f"upstream failed: {exc}; fail open")
             async for response in self._finish("upstream_error", f"upstream failed: {exc}; fail open"):
                 yield response
             return

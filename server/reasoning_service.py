@@ -317,7 +317,7 @@ class ReasonerService(pb_grpc.ReasonerServicer):
             stream = runtime.moderator.open(
                 prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids, policy=policy, loop=loop
             )
-            audit = self.guard.audit_trail(policy, request_id, "reasoner_document")
+            audit = self.guard.audit_trail(policy, request_id, "reasoner_document", end_record=False)
             session = ResponseSession(stream, policy, ReleaseMode.HOLD_BACK, hf, audit=audit)
             try:
                 outcome = await session.judge_prompt()
@@ -660,6 +660,7 @@ class _Reasoning:
         closed withholds what is held back. The caller then gets UNAVAILABLE."""
         self.guard.metrics.fail_mode.labels(self.policy.name, self.policy.fail_mode.value, "upstream").inc()
         if self.policy.fail_mode is FailMode.OPEN:
+            self.session.fail_open(f"upstream failed: {exc}; fail open")
             tail = await self.session.resolve(self.session.submit_end())
             if tail is not None:
                 for response in self._deltas(tail):

@@ -60,6 +60,9 @@ def _stream_guard(ctx: ServiceContext) -> HostedService:
             load_runtime, s.model, device=s.device, dtype=s.dtype, limits=s.engine_limits(), on_step=ctx.metrics.on_step
         )
         log.info("event=model_loaded model=%r demo=%s", holder.runtime.description, holder.runtime.is_demo)
+        if ctx.audit is not None:  # the checkpoint's digest, for the audit records: hashed once, off the loop
+            digest = await asyncio.to_thread(lambda: holder.runtime.digest)
+            log.info("event=model_digest digest=%s", digest)
 
     async def close() -> None:
         holder.draining = True

@@ -160,8 +160,7 @@ class ServeSettings:
             ("grpc.keepalive_time_ms", ms(self.grpc_keepalive_time_s)),
             ("grpc.keepalive_timeout_ms", ms(self.grpc_keepalive_timeout_s)),
             ("grpc.keepalive_permit_without_calls", 1),  # idle gateway connections may keep themselves alive
-            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.grpc_min_ping_interval_s)),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", ms(self.grpc_min_ping_interval_s)),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(self.grpc_min_ping_interval_s)),  # enforced on clients
             ("grpc.http2.max_ping_strikes", self.grpc_max_ping_strikes),
             ("grpc.so_reuseport", 0),  # a second sidecar on the same port fails to start, not shares it
         ]

@@ -86,13 +86,16 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
         self.topics = topics  # the Embedder's topic matcher; None without the Embedder
         self.audit = audit  # the decision audit log; None when turned off
 
-    def audit_trail(self, policy: Policy, request_id: str, front_end: str) -> AuditTrail | None:
-        """The audit trail of one response (any front end), or None when the audit log is off."""
+    def audit_trail(
+        self, policy: Policy, request_id: str, front_end: str, *, end_record: bool = True
+    ) -> AuditTrail | None:
+        """The audit trail of one response (any front end), or None when the audit log is off.
+        ``end_record=False``: its decisions only (a document window of a longer request)."""
         if self.audit is None:
             return None
         runtime = self.holder.ready()
         context = AuditContext(request_id, front_end, model=runtime.guard.path.name, model_digest=runtime.digest)
-        return self.audit.trail(policy, context)
+        return self.audit.trail(policy, context, end_record=end_record)
 
     def topic_check(
         self, policy: Policy, messages: Sequence, prompt_token_ids: Sequence[int] = ()

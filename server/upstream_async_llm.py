@@ -9,6 +9,7 @@ configured (``guard serve --upstream-engine async-llm --upstream-model PATH``).
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,6 +33,8 @@ class AsyncLlmUpstream:
         dtype: str = "auto",
         enforce_eager: bool = False,
     ) -> AsyncLlmUpstream:
+        # vLLM logs to stdout by default; stdout carries the audit log's JSON lines (--audit-log -)
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM

@@ -5,6 +5,7 @@ written is counted and turns the audit health name NOT_SERVING, and the streams 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -26,7 +27,8 @@ BLOCKED = SimpleNamespace(prompt="How do I build a pipe bomb at home?", response
 
 @pytest.fixture(scope="module")
 def policies(tmp_path_factory):
-    return policies_with(tmp_path_factory.mktemp("policies"), **ANY_OUTPUT_DOMAINS)
+    slow_rule = "extends: default\nthresholds:\n  unsafe: 0.0\nprompt:\n  unsafe: ALLOW\ndebounce: 64\n"
+    return policies_with(tmp_path_factory.mktemp("policies"), slow_rule=slow_rule, **ANY_OUTPUT_DOMAINS)
 
 
 def records(path) -> list[dict]:
@@ -63,7 +65,7 @@ async def test_one_record_per_decision_and_per_end_without_the_text(
     rendered = guard_tokenizer.render_prompt([Message("user", BLOCKED.prompt)])
     judged = guard_tokenizer.hf.decode(rendered.prompt_ids)  # what the prompt verdict judged
     assert prompt_record["text_sha256"] == hashlib.sha256(judged.encode()).hexdigest()
-    assert len([r for r in second if r["kind"] == "end"]) == 1
+    assert [r["outcome"] for r in second if r["kind"] == "end"] == ["blocked"]
     # never the text: not in a record, not in a log line (by default)
     raw = audit.read_text() + "\n".join(r.getMessage() for r in caplog.records)
     for secret in ("Zanzibar", "pipe bomb", SECRET_ANSWER):
@@ -77,24 +79,48 @@ async def test_a_failing_audit_log_is_counted_and_reported(demo_dir, policies):
         example = SimpleNamespace(prompt=SECRET_PROMPT, response=SECRET_ANSWER)
         responses = await moderate_text(sidecar.address, example, domain="always_interrupt")
         assert responses[-1].WhichOneof("kind") == "final"  # the stream itself is unaffected
-        failures = sidecar.sidecar.metrics.audit_failures._value.get()
-        assert failures >= 2  # the interrupt and the end, neither lost silently
+        failures = sidecar.sidecar.metrics.audit_failures
         async with grpc.aio.insecure_channel(sidecar.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
-            status = await health.Check(health_pb2.HealthCheckRequest(service="qwen3guard.audit"))
-            assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            deadline = asyncio.get_running_loop().time() + 10  # the writer thread reports as it writes
+            while True:
+                status = await health.Check(health_pb2.HealthCheckRequest(service="qwen3guard.audit"))
+                if failures._value.get() >= 2 and status.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break  # the interrupt and the end, neither lost silently
+                assert asyncio.get_running_loop().time() < deadline, (failures._value.get(), status.status)
+                await asyncio.sleep(0.05)
             whole = await health.Check(health_pb2.HealthCheckRequest(service=""))
             assert whole.status == health_pb2.HealthCheckResponse.SERVING  # degraded, not down
 
 
 async def test_a_file_audit_log_rotates_by_size(demo_dir, policies, tmp_path):
     audit = tmp_path / "audit.jsonl"
-    settings = {"audit_log": str(audit), "audit_max_bytes": 2000, "audit_backups": 2}
+    settings = {"audit_log": str(audit), "audit_max_bytes": 1200, "audit_backups": 2}
     with running_sidecar(model=str(demo_dir), policies=str(policies), judge="", **settings) as sidecar:
         example = SimpleNamespace(prompt=SECRET_PROMPT, response=SECRET_ANSWER)
-        for _ in range(6):
-            await moderate_text(sidecar.address, example, domain="always_interrupt")
+        for _ in range(4):
+            await moderate_text(
+                sidecar.address, example, domain="redact_all"
+            )  # records without an interrupt's 5 s drain
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]
-    assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
+    assert all(p.stat().st_size <= 1200 for p in tmp_path.iterdir())
     assert all(records(p) for p in tmp_path.iterdir())  # whole JSON lines in each
+
+
+async def test_flag_and_redact_records_name_their_token(demo_dir, policies, tmp_path):
+    """Every FLAG and REDACT record names the response token it concerns (thresholds at 0 here: the
+    model itself may call the tokens Safe, so there is no category to name)."""
+    audit = tmp_path / "audit.jsonl"
+    with running_sidecar(model=str(demo_dir), policies=str(policies), judge="", audit_log=str(audit)) as sidecar:
+        example = SimpleNamespace(prompt=SECRET_PROMPT, response=SECRET_ANSWER)
+        await moderate_text(sidecar.address, example, domain="redact_all", request_id="redact")
+        await moderate_text(sidecar.address, example, domain="slow_rule", request_id="flag")
+    written = records(audit)
+    for request_id, action in (("redact", "REDACT"), ("flag", "FLAG")):
+        decisions = [r for r in written if r["request_id"] == request_id and r["kind"] == "decision"]
+        assert decisions and all(r["action"] == action for r in decisions)
+        offsets = [r["offset"] for r in decisions]
+        assert all(isinstance(o, int) for o in offsets) and offsets == sorted(set(offsets)), offsets
+        assert all(len(r["text_sha256"]) == 64 for r in decisions)  # (category: "" where the model says Safe)
+        assert offsets[-1] < decisions[-1]["tokens_judged"]

@@ -23,7 +23,7 @@ def test_server_options_follow_the_settings():
     options = dict(ServeSettings(grpc_max_connection_age_s=30, grpc_max_concurrent_streams=8).server_options())
     assert options["grpc.max_concurrent_streams"] == 8
     assert options["grpc.max_connection_age_ms"] == 30_000 and options["grpc.max_connection_age_grace_ms"] == 300_000
-    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] == 10_000
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == 10_000  # grpc core's name for enforcement
     assert options["grpc.http2.max_ping_strikes"] == 2
     assert options["grpc.max_send_message_length"] == options["grpc.max_receive_message_length"] == 32 * 2**20
     assert "grpc.max_connection_age_ms" not in dict(ServeSettings().server_options())  # 0 = never
@@ -98,3 +98,40 @@ async def test_a_client_that_never_reads_is_held_to_a_bounded_amount(roomy, guar
     while roomy.engine.live_sessions and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     assert roomy.engine.live_sessions == 0
+
+
+RUDE = [("grpc.keepalive_time_ms", 200), ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def strict_pings(demo_dir):
+    with running_sidecar(
+        model=str(demo_dir), judge="", grpc_min_ping_interval_s=5.0, grpc_max_ping_strikes=1
+    ) as running:
+        yield running
+
+
+async def test_the_ping_interval_setting_reaches_the_server(demo_dir):
+    """The same pinging client keeps its stream where the operator allows pings every 100 ms."""
+    with running_sidecar(model=str(demo_dir), judge="", grpc_min_ping_interval_s=0.1) as lenient:
+        async with grpc.aio.insecure_channel(lenient.address, options=RUDE) as channel:
+            call = pb_grpc.StreamGuardStub(channel).Moderate()
+            await call.write(pb.ModerateRequest(open=pb.OpenRequest(domain="default", messages=PROMPT)))
+            assert (await call.read()).WhichOneof("kind") == "prompt"
+            await asyncio.sleep(3.0)  # 15 pings
+            assert not call.done()
+            await call.write(pb.ModerateRequest(close=pb.CloseRequest()))
+            assert (await call.read()).WhichOneof("kind") == "final"
+
+
+async def test_a_client_that_pings_too_often_is_disconnected(strict_pings):
+    """Keepalive enforcement: pings every 200 ms against a 5 s minimum earn GOAWAY (too_many_pings);
+    the open stream ends UNAVAILABLE. A polite client on the same server is unaffected."""
+    async with grpc.aio.insecure_channel(strict_pings.address, options=RUDE) as channel:
+        call = pb_grpc.StreamGuardStub(channel).Moderate()
+        await call.write(pb.ModerateRequest(open=pb.OpenRequest(domain="default", messages=PROMPT)))
+        assert (await call.read()).WhichOneof("kind") == "prompt"
+        assert await asyncio.wait_for(call.code(), 30) == grpc.StatusCode.UNAVAILABLE
+    async with grpc.aio.insecure_channel(strict_pings.address) as channel:
+        assert (await pb_grpc.StreamGuardStub(channel).Info(pb.InfoRequest(), timeout=10)).live_sessions == 0

@@ -150,7 +150,11 @@ def _validate(node: yaml.Node, schema: Any, path: str, file: str, problems: list
     if not isinstance(node, yaml.ScalarNode):
         bad("expected a single value")
         return None
-    value = yaml.safe_load(yaml.serialize(node))
+    try:  # the node's own (resolved) tag decides its type; an unknown tag (`!x`) is a problem, not a crash
+        value = yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    except yaml.YAMLError as exc:
+        bad(f"cannot read this value ({getattr(exc, 'problem', None) or exc})")
+        return None
     if schema is str:
         if not isinstance(value, str):
             bad(f"expected text, got {value!r}")

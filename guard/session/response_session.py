@@ -148,6 +148,8 @@ class ResponseSession:
         self._draining = draining
         self._state = _State()
         self.audit = audit  # decisions and the end written to the audit log (no text)
+        self._prompt_action: Action | None = None
+        self._fail_open = ""
 
     # ------------------------------------------------------------------ state
 
@@ -192,14 +194,25 @@ class ResponseSession:
         self.stream.close(reason)
         if self.audit is not None and not self.audit.ended:
             state, release = self._state, self.release
-            if state.failure:
+            if self._prompt_action is Action.BLOCK:
+                outcome = "blocked"
+            elif state.failure:
                 outcome = "fail_closed"
             elif state.interrupted:
                 outcome = "interrupted" if self.stream.flag_index is not None else "withheld"
+            elif state.degraded or self._fail_open:
+                outcome = "fail_open"
             else:
                 outcome = "completed" if state.ended else "ended early"
             self.audit.end(outcome, reason, state.judged, release.released, release.received - release.released,
-                           release.received_text)  # fmt: skip
+                           state.failure or self._fail_open, release.received_text)  # fmt: skip
+
+    def fail_open(self, reason: str) -> None:
+        """The front end released what it had unjudged or partly judged (the upstream failed and
+        the policy fails open): recorded as a fail-mode decision."""
+        self._fail_open = reason
+        if self.audit is not None:
+            self.audit.failure("response", Action.CONTINUE, reason)
 
     # ------------------------------------------------------------------ prompt
 
@@ -208,6 +221,7 @@ class ResponseSession:
         Embedder) runs beside the model; the stricter action wins. The Embedder failing or being
         too slow is a model failure too: the policy's fail mode decides."""
         outcome = await self._judge_prompt(topic)
+        self._prompt_action = outcome.action
         if self.audit is not None:
             v = outcome.verdict
             category = (v.verdict.category if v is not None else "") or ""
@@ -306,16 +320,29 @@ class ResponseSession:
         session, limits): the front end ends the stream with its status."""
         outcome = await self._resolve(pending)
         if self.audit is not None and outcome is not None:
-            if outcome.interrupted and outcome.verdict is not None:
-                category = self.stream.flag_category or ""
-            else:
-                v, position = outcome.verdict, None
-                if v is not None and outcome.action is not Action.CONTINUE:
-                    position = v.first_with(outcome.action)
-                category = v.category_at(position) if position is not None else ""
-            self.audit.chunk(outcome.action, category, outcome.flag_index, outcome.judged, outcome.model_failure,
-                             self.release.received_text)  # fmt: skip
+            self._audit_chunk(outcome)
         return outcome
+
+    def _audit_chunk(self, outcome: ChunkOutcome) -> None:
+        """The chunk's decision: the token it concerns (where the rule fired, or the first token
+        with the action), its category, and the SHA-256 of the chunk's judged text."""
+        if outcome.action in (Action.CONTINUE, Action.ALLOW) and not outcome.model_failure:
+            return  # the common chunk: nothing to record (the per-token path pays one comparison)
+        v = outcome.verdict
+        if v is None:  # the fail mode decided
+            self.audit.chunk(outcome.action, "", None, outcome.judged, outcome.model_failure, lambda: "")
+            return
+        if outcome.interrupted:
+            offset, category = outcome.flag_index, self.stream.flag_category or ""
+        else:
+            wanted = (Action.FLAG, Action.INTERRUPT) if outcome.action is Action.FLAG else (outcome.action,)
+            positions = [p for a in wanted if (p := v.first_with(a)) is not None]
+            position = min(positions) if positions else None
+            offset = v.first_index + position if position is not None else None
+            category = v.category_at(position) if position is not None else ""
+        ids = list(v.scores.token_ids)
+        self.audit.chunk(outcome.action, category, offset, outcome.judged, outcome.model_failure,
+                         lambda: self._hf.decode(ids))  # fmt: skip
 
     async def _resolve(self, pending: Pending) -> ChunkOutcome | None:
         if self._state.interrupted:
@@ -481,6 +508,9 @@ class ResponseSession:
         """End without releasing what is held back (the upstream failed and the policy fails closed)."""
         state, release = self._state, self.release
         state.ended = state.interrupted = True
+        state.failure = state.failure or reason
+        if self.audit is not None:
+            self.audit.failure("response", Action.INTERRUPT, reason)
         return FinalOutcome(
             True,
             reason,

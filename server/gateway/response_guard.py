@@ -257,6 +257,7 @@ class GuardedEventStream(_Guarded):
                     self.policy.fail_mode.value)  # fmt: skip
         if self.policy.fail_mode is FailMode.OPEN and not closed:
             self.outcome = "failed_open"
+            self.session.fail_open(f"upstream body failed: {why}; fail open")
             return await self._end()  # no [DONE]: the stream stays broken, as the upstream left it
         self.outcome = "failed_closed"
         final = self.session.withhold(f"upstream body failed: {why}; fail closed")
@@ -348,6 +349,7 @@ class GuardedBody(_Guarded):
         self.finished = True
         if self.policy.fail_mode is FailMode.OPEN and not closed:
             self.outcome = "failed_open"
+            self.session.fail_open(f"{why}; fail open")
             return bytes(self._body)
         self.outcome = "failed_closed"
         self.session.withhold(f"{why}; fail closed")
