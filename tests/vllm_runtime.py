@@ -9,12 +9,16 @@ head_dim >= 64; the KV cache size is explicit (``VLLM_ENV``), never derived from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import http.client
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -141,10 +145,25 @@ def tiny_other_upstream_model() -> Path:
     return target
 
 
+_HANDED_OUT: set[int] = set()
+_PORT_LOCK = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on now, never the same one twice in this process (servers
+    started together pick their ports before any of them binds)."""
+    with _PORT_LOCK:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
+
+
+class PortTaken(RuntimeError):
+    """The server could not bind its port: something took it between free_port() and the bind."""
 
 
 # Eager mode: torch.compile would add ~70 s to every start on these CPUs; the tests time nothing.
@@ -162,6 +181,9 @@ def _vllm_process(args: list[str], ready, name: str, timeout: float):
         deadline = time.monotonic() + timeout
         while not ready():
             if process.poll() is not None:
+                log.flush()
+                if "address already in use" in Path(log.name).read_text(errors="replace").lower():
+                    raise PortTaken(f"vLLM could not bind its port; see {log.name}")
                 raise RuntimeError(f"vLLM exited with {process.returncode}; see {log.name}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vLLM did not start within {timeout} s; see {log.name}")
@@ -200,17 +222,40 @@ def started_together(*managers):
 
 
 @contextmanager
+def _on_a_free_port(start, attempts: int = 3):
+    """``start(port)`` (a context manager) on a fresh port, again on another if the port was taken."""
+    for attempt in range(attempts):
+        try:
+            manager = start(free_port())
+            value = manager.__enter__()
+        except PortTaken:
+            if attempt == attempts - 1:
+                raise
+            continue
+        with contextlib.ExitStack() as stack:
+            stack.push(manager.__exit__)
+            yield value
+        return
+
+
+@contextmanager
 def running_vllm_http(model: Path, timeout: float = 300, extra_args: tuple[str, ...] = (), name: str = "tiny-qwen3"):
     """`python -m vllm.entrypoints.openai.api_server` on a loopback port; yields its base URL.
     ``extra_args``: e.g. ``--runner pooling`` for the retrieval models."""
-    port = free_port()
+    with _on_a_free_port(lambda port: _vllm_http(model, port, timeout, extra_args, name)) as url:
+        yield url
+
+
+@contextmanager
+def _vllm_http(model: Path, port: int, timeout: float, extra_args: tuple[str, ...], name: str):
     url = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:
+        """Our server answers (not whatever else might hold the port: it lists our model)."""
         try:
-            urllib.request.urlopen(url + "/v1/models", timeout=2).read()
-            return True
-        except OSError:
+            listed = json.loads(urllib.request.urlopen(url + "/v1/models", timeout=2).read())
+            return any(m.get("id") == name for m in listed.get("data", []))
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
             return False
 
     args = [
@@ -233,10 +278,15 @@ def running_vllm_http(model: Path, timeout: float = 300, extra_args: tuple[str, 
 @contextmanager
 def running_vllm_grpc(model: Path, timeout: float = 300):
     """`python -m vllm.entrypoints.launchers.grpc_server` on a loopback port; yields host:port."""
+    with _on_a_free_port(lambda port: _vllm_grpc(model, port, timeout)) as target:
+        yield target
+
+
+@contextmanager
+def _vllm_grpc(model: Path, port: int, timeout: float):
     import grpc
     from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
-    port = free_port()
     target = f"127.0.0.1:{port}"
 
     def ready() -> bool:
