@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale bench-gateway profile-service load-test deploy-policies deploy-render clean
+.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale bench-gateway bench-security soak profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,14 @@ bench-parscale: install
 ## Per SSE event: Envoy + the guard's ext_proc vs Envoy alone, the OpenAI endpoint vs its upstream.
 bench-gateway: install
 	$(BIN)/python benchmarks/gateway_bench.py --json benchmarks/results/gateway-cpu.json
+
+## Per-chunk latency at 16 streams: plaintext vs TLS vs mTLS + tenants (API keys, limits).
+bench-security: install
+	$(BIN)/python benchmarks/security_bench.py --json benchmarks/results/security-cpu.json
+
+## 10 minutes of mixed, misbehaving load: RSS and live sessions over time (nothing may accumulate).
+soak: install
+	$(BIN)/python benchmarks/soak.py --minutes 10 --json benchmarks/results/soak-cpu.json
 
 ## Where the sidecar's time goes at 16 streams x 8 tokens (py-spy, from the bench extra).
 profile-service: install

@@ -63,11 +63,18 @@ async def worker(
 
 
 async def run_level(
-    address: str, streams: int, chunk: int, requests: int, seconds: float, prompt: str, ids: list[int]
+    target: str | grpc.aio.Channel,
+    streams: int,
+    chunk: int,
+    requests: int,
+    seconds: float,
+    prompt: str,
+    ids: list[int],
 ) -> dict:
+    """One load level against ``target`` (an address, or a channel: TLS, call credentials)."""
     stats = {"latency": [], "engine": [], "tokens": 0, "requests": 0, "interrupts": 0, "errors": []}
     deadline = time.monotonic() + seconds
-    async with SidecarClient(address, timeout=60) as client:
+    async with SidecarClient(target, timeout=60) as client:
         started = time.perf_counter()
         await asyncio.gather(*(worker(client, prompt, ids, chunk, requests, deadline, stats) for _ in range(streams)))
         elapsed = time.perf_counter() - started

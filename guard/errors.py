@@ -17,6 +17,19 @@ class ContextTooLong(LimitExceeded):
     """The prompt alone is over a session's token limit: retrying will not help (HTTP gateways: 400)."""
 
 
+class RateLimited(LimitExceeded):
+    """A tenant is over one of its limits (concurrent streams, tokens per second): RESOURCE_EXHAUSTED
+    with the limit in the message; retrying later helps (HTTP gateways: 429)."""
+
+
+class Unauthenticated(EngineError):
+    """No credentials, or credentials no tenant holds (UNAUTHENTICATED; HTTP 401)."""
+
+
+class PermissionDenied(EngineError):
+    """The tenant may not use this domain or service, or the call is admin-only (PERMISSION_DENIED; HTTP 403)."""
+
+
 class SessionClosed(EngineError):
     """The session was closed, cancelled, expired, or the engine shut down."""
 

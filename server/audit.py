@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from guard.policy.rules import Policy
-from guard.session.audit import AuditContext, AuditTrail
+from guard.session.audit import AuditContext, AuditSink, AuditTrail
 from server.metrics import Metrics
 
 HEALTH_NAME = "qwen3guard.audit"
@@ -65,8 +65,17 @@ class AuditLog:
         except queue.Full:
             self._result(False)
 
-    def trail(self, policy: Policy, context: AuditContext, *, end_record: bool = True) -> AuditTrail:
-        return AuditTrail(self.write, context, policy, log_content=self.log_content, end_record=end_record,
+    def trail(self, policy: Policy, context: AuditContext, *, end_record: bool = True,
+              also: AuditSink | None = None) -> AuditTrail:  # fmt: skip
+        """A response's trail into this log (and ``also`` into another sink: the trace span)."""
+        sink = self.write
+        if also is not None:
+
+            def sink(record: dict) -> None:
+                also(record)
+                self.write(record)
+
+        return AuditTrail(sink, context, policy, log_content=self.log_content, end_record=end_record,
                           on_error=lambda: self._result(False))  # fmt: skip
 
     def _run(self) -> None:

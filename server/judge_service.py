@@ -9,7 +9,10 @@ silent Safe.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -22,11 +25,15 @@ from guard.model.labels import RiskLevel
 from guard.policy.actions import Action
 from guard.policy.loader import PolicyStore
 from guard.policy.rules import FailMode, Policy
+from guard.session.audit import AuditContext
 from guard.text.conversation import parse_messages
+from server.audit import AuditLog
 from server.metrics import Metrics
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
-from server.wire import ACTION, RISK, status_of
+from server.tenants import current_tenant
+from server.tracing import annotate
+from server.wire import ACTION, ACTION_OF, RISK, status_of
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,13 @@ class JudgeBackend:
     @property
     def demo(self) -> bool:
         return bool(self.local is not None and self.local.demo)
+
+    @property
+    def model(self) -> str:
+        """The judge's name for audit records: the checkpoint directory, or the endpoint's model."""
+        if self.local is not None:
+            return self.local.path.name
+        return self.remote.model or self.remote.base if self.remote is not None else ""
 
     async def classify(self, messages: list[dict], scored: bool) -> Judgment:
         if self.local is not None:
@@ -75,10 +89,27 @@ def judgment_action(policy: Policy, judgment: Judgment) -> tuple[RiskLevel, Acti
 
 
 class JudgeService(pb_grpc.JudgeServicer):
-    def __init__(self, holder: JudgeHolder, policies: PolicyStore, metrics: Metrics) -> None:
+    def __init__(self, holder: JudgeHolder, policies: PolicyStore, metrics: Metrics,
+                 audit: AuditLog | None = None) -> None:  # fmt: skip
         self.holder = holder
         self.policies = policies
         self.metrics = metrics
+        self.audit = audit  # the decision audit log: one record per judgment that is not a plain ALLOW
+
+    def _audit(
+        self, policy: Policy, request: pb.ClassifyRequest, messages: list[dict], stage: int, action: Action,
+        risk: str = "", categories: Sequence[str] = (), refusal: bool | None = None, fail_mode: str = "",
+    ) -> None:  # fmt: skip
+        if self.audit is None:
+            return
+        backend = self.holder.backend
+        tenant = current_tenant.get()
+        context = AuditContext(request.request_id or uuid.uuid4().hex, "judge", tenant=tenant.name if tenant else "",
+                               model=backend.model if backend else "")  # fmt: skip
+        trail = self.audit.trail(policy, context, end_record=False)
+        conversation = lambda: json.dumps(messages, ensure_ascii=False, sort_keys=True)  # noqa: E731 (only if written)
+        trail.judgment("prompt" if stage == pb.PROMPT else "response", action, ",".join(categories), risk, refusal,
+                       fail_mode, conversation)  # fmt: skip
 
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.Judgment:
         try:
@@ -117,8 +148,16 @@ class JudgeService(pb_grpc.JudgeServicer):
                 backend.classify(messages, request.scored), policy.model_timeout_ms / 1000
             )
         except (TimeoutError, JudgeUnavailable, JudgmentParseError) as exc:
-            return self._failed(policy, stage, exc, backend.demo)
+            failed = self._failed(policy, stage, exc, backend.demo)
+            annotate(domain=policy.name, action=ACTION_OF[failed.action].name, fail_mode=failed.reason)
+            self._audit(policy, request, messages, stage, ACTION_OF[failed.action], fail_mode=failed.reason)
+            return failed
         level, action = judgment_action(policy, judgment)
+        stage_name = "prompt" if stage == pb.PROMPT else "response"
+        annotate(domain=policy.name, policy_version=policy.version, stage=stage_name, risk=judgment.risk.name,
+                 category=",".join(judgment.categories), action=action.name)  # fmt: skip
+        self._audit(policy, request, messages, stage, action, judgment.risk.name, judgment.categories,
+                    judgment.refusal)  # fmt: skip
         self.metrics.verdicts.labels(
             f"judge_{judgment.mode.value}", level.name, judgment.categories[0] if judgment.categories else ""
         ).inc()

@@ -9,14 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from guard.model.engine import StepStats
+
+if TYPE_CHECKING:
+    from server.tls import CertificateWatcher
 
 # Milliseconds matter on the per-token path; prometheus' defaults start at 5 ms.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -175,6 +183,29 @@ class Metrics:
             "guard_audit_write_failures_total", "Audit records that could not be written (counted, never silent).",
             registry=r,
         )  # fmt: skip
+        self.tls_reloads = Counter(
+            "guard_tls_reloads_total",
+            "Certificate rotations noticed on disk: ok (in use from the next handshake) or failed (the "
+            "previous certificate stays in use; alert on this).",
+            ("outcome",),
+            registry=r,
+        )
+        self.tenant_requests = Counter(
+            "guard_tenant_requests_total",
+            "Calls by tenant (from the tenants file; 'unknown' when unauthenticated) and outcome: allowed, "
+            "unauthenticated, denied (service or admin-only), rate_limited (max_streams).",
+            ("tenant", "outcome"),
+            registry=r,
+        )
+        self.tenant_open_calls = Gauge(
+            "guard_tenant_open_calls", "Calls open now, by tenant (its max_streams limit applies).", ("tenant",),
+            registry=r,
+        )  # fmt: skip
+        self.tenants_reload_ok = Gauge(
+            "guard_tenants_last_reload_ok", "1 when the tenants file in force is the file on disk, 0 after a "
+            "rejected edit (the previous tenants stay active).", registry=r,
+        )  # fmt: skip
+        self.tenants_reload_ok.set(1)  # no tenants file: nothing was rejected
         self.gateway_requests = Counter(
             "guard_gateway_requests_total",
             "Requests through a gateway front end (ext_proc, openai) by how they ended: passed, blocked, "
@@ -241,9 +272,32 @@ class Metrics:
 
         self.registry.register(_Forward())
 
-    def serve_http(self, port: int) -> Any:
-        server, _thread = start_http_server(port, registry=self.registry)
+    def serve_http(self, port: int, tls: CertificateWatcher | None = None) -> Any:
+        """``/metrics`` on ``port`` from a thread (scrapes never wait for the event loop); over TLS
+        (mTLS with a client CA) with the listeners' certificate when ``tls`` is given."""
+        if tls is None:
+            server, _thread = start_http_server(port, registry=self.registry)
+            return server
+        server = make_server("0.0.0.0", port, make_wsgi_app(self.registry), _TlsWSGIServer, _QuietTlsHandler)
+        # The handshake runs on the first read, in the request's own thread: a client that never
+        # finishes it holds one thread until the handler's timeout, never the accept loop.
+        server.socket = tls.ssl_context().wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        threading.Thread(target=server.serve_forever, name="metrics-https", daemon=True).start()
         return server
+
+
+class _TlsWSGIServer(ThreadingWSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A failed handshake (no client certificate, plaintext, an unknown CA) is the client's
+        problem: one debug line, not a traceback on stderr per scrape attempt."""
+        logging.getLogger(__name__).debug("event=metrics_connection_failed error=%r", sys.exc_info()[1])
+
+
+class _QuietTlsHandler(WSGIRequestHandler):
+    timeout = 10.0  # seconds a connection may take for its handshake and request
+
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not worth a log line
+        pass
 
 
 def _split_method(full: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from guard.policy.topics import TopicMatcher
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 from server.retrieval_calls import NotLoaded
+from server.tenants import current_tenant
 from server.wire import ACTION, RISK, status_of
 
 LEVEL_OF = {pb.SAFE: RiskLevel.SAFE, pb.CONTROVERSIAL: RiskLevel.CONTROVERSIAL, pb.UNSAFE: RiskLevel.UNSAFE}
@@ -38,10 +39,15 @@ class PoliciesService(pb_grpc.PoliciesServicer):
             source=policy.source,
         )
 
+    def _visible(self, domain: str) -> bool:
+        """A tenant sees the domains it may use (all of them when the sidecar runs open)."""
+        tenant = current_tenant.get()
+        return tenant is None or tenant.may_use_domain(domain)
+
     async def List(self, request, context) -> pb.ListPoliciesResponse:
         store = self.store
         return pb.ListPoliciesResponse(
-            policies=[self._summary(d) for d in sorted(store.policies)],
+            policies=[self._summary(d) for d in sorted(store.policies) if self._visible(d)],
             generation=store.version,
             last_error=store.last_error,
             default_domain=store.default_domain,
@@ -50,6 +56,8 @@ class PoliciesService(pb_grpc.PoliciesServicer):
 
     async def Get(self, request: pb.GetPolicyRequest, context) -> pb.PolicyDetail:
         domain = request.domain or self.store.default_domain
+        if self.store.access_check is not None:
+            self.store.access_check(domain)  # PermissionDenied: the interceptor answers PERMISSION_DENIED
         if domain not in self.store.policies:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no policy for domain {domain!r}")
         effective = {k: v for k, v in self.store.effective[domain].items() if k != "extends"}

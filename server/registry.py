@@ -25,9 +25,11 @@ import grpc
 if TYPE_CHECKING:
     from guard.policy.loader import PolicyStore
     from server.audit import AuditLog
+    from server.auth import Authorizer
     from server.media import MediaDecoding
     from server.metrics import Metrics
     from server.settings import ServeSettings
+    from server.tls import CertificateWatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,8 @@ class ServiceContext:
     policies: PolicyStore
     built: dict[str, HostedService] = field(default_factory=dict)  # services built before this one
     audit: AuditLog | None = None  # the decision audit log (None when turned off)
+    tls: CertificateWatcher | None = None  # the listeners' certificate (None: plaintext)
+    authorizer: Authorizer | None = None  # tenants and their limits (None: open)
     _media: MediaDecoding | None = None
 
     @property

@@ -118,7 +118,7 @@ def _judge(ctx: ServiceContext) -> HostedService:
     from server.judge_service import JudgeHolder, JudgeService
 
     holder = JudgeHolder()
-    service = JudgeService(holder, ctx.policies, ctx.metrics)
+    service = JudgeService(holder, ctx.policies, ctx.metrics, ctx.audit)
 
     async def load() -> None:
         holder.backend = await asyncio.to_thread(load_judge, ctx.settings)
@@ -290,7 +290,8 @@ def _openai(ctx: ServiceContext) -> HostedService:
     """The OpenAI-compatible HTTP endpoint (no gRPC service): GuardedGeneration behind OpenAI's API."""
     from server.gateway.openai_api import OpenAIEndpoint
 
-    endpoint = OpenAIEndpoint(ctx.built["GuardedGeneration"].state, ctx.settings)
+    generation = ctx.built["GuardedGeneration"].state
+    endpoint = OpenAIEndpoint(generation, ctx.settings, tls=ctx.tls, authorizer=ctx.authorizer)
     return HostedService(
         add_to_server=lambda server: None,
         service_names=(),

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from guard.parscale.engine import ParScaleLimits
     from guard.retrieval.batching import BatchLimits
     from guard.retrieval.vision import VisionLimits
+    from server.tls import TlsFiles
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,17 @@ class ServeSettings:
     grpc_max_connection_idle_s: float = 0.0  # close connections without RPCs for this long; 0 = never
     grpc_max_connection_age_s: float = 0.0  # GOAWAY after this long (rebalancing); 0 = never
     grpc_max_connection_age_grace_s: float = 300.0  # open streams may finish within this after the GOAWAY
+    # TLS on every listener (gRPC, metrics, OpenAI endpoint); files re-read when they change (server/tls.py).
+    tls_cert: str = ""  # PEM certificate chain; '' = plaintext listeners
+    tls_key: str = ""  # its PEM private key
+    tls_client_ca: str = ""  # PEM bundle of client CAs: mTLS, every client must present a certificate it signed
+    otlp_endpoint: str = ""  # OpenTelemetry traces over OTLP/gRPC (e.g. http://otel-collector:4317); '' = off
+    otel_service_name: str = "qwen3guard-sidecar"  # the traces' service.name
+    health_port: int = 0  # a plaintext listener serving only grpc.health.v1 (kubelet probes under TLS); 0 = off
+    # Tenants (server/tenants.py): API keys, domains, services, limits. '' = open (anyone who reaches the port).
+    tenants: str = ""  # the tenants YAML file (a mounted Secret; edits apply live, the last good set stays)
+    tenants_poll_s: float = 1.0  # how often the tenants file is checked for edits
+    reflection: bool = True  # gRPC server reflection (open, like health); off hides the API from strangers
     reasoner: str = ""  # Qwen3 causal LM checkpoint, 'demo', 'upstream' (the vLLM upstream), or '' (off)
     reasoner_sae: str = ""  # SAE directory (sae.safetensors, config.json, features.csv); '' = <reasoner>/sae if any
     reasoner_context_window: int = 0  # tokens; 0 = the model's max_position_embeddings (upstream: 32768)
@@ -170,6 +182,19 @@ class ServeSettings:
             options.append(("grpc.max_connection_age_ms", ms(self.grpc_max_connection_age_s)))
             options.append(("grpc.max_connection_age_grace_ms", ms(self.grpc_max_connection_age_grace_s)))
         return options
+
+    def tls_files(self) -> TlsFiles | None:
+        """The TLS files, or None for plaintext listeners (a key without a certificate is an error)."""
+        from server.tls import TlsError, TlsFiles
+
+        if not self.tls_cert and not self.tls_key:
+            if self.tls_client_ca:
+                raise TlsError("--tls-client-ca needs --tls-cert and --tls-key (mTLS is TLS with client certificates)")
+            return None
+        if not (self.tls_cert and self.tls_key):
+            raise TlsError("--tls-cert and --tls-key go together")
+        client_ca = Path(self.tls_client_ca) if self.tls_client_ca else None
+        return TlsFiles(Path(self.tls_cert), Path(self.tls_key), client_ca)
 
     def engine_limits(self) -> EngineLimits:
         from guard.model.engine import EngineLimits  # the model runtime (torch): only when serving

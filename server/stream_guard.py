@@ -37,6 +37,8 @@ from server.metrics import Metrics
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 from server.settings import ServeSettings
+from server.tenants import current_tenant
+from server.tracing import span_sink
 from server.wire import ACTION, Unavailable, check_token_detail, error_status, fill_chunk, final_pb, verdict_pb
 
 log = logging.getLogger(__name__)
@@ -89,13 +91,19 @@ class StreamGuardService(pb_grpc.StreamGuardServicer):
     def audit_trail(
         self, policy: Policy, request_id: str, front_end: str, *, end_record: bool = True
     ) -> AuditTrail | None:
-        """The audit trail of one response (any front end), or None when the audit log is off.
-        ``end_record=False``: its decisions only (a document window of a longer request)."""
-        if self.audit is None:
+        """The audit trail of one response (any front end): to the audit log and the call's trace
+        span, or None when neither is on. ``end_record=False``: its decisions only (a document
+        window of a longer request)."""
+        to_span = span_sink()
+        if self.audit is None and to_span is None:
             return None
         runtime = self.holder.ready()
-        context = AuditContext(request_id, front_end, model=runtime.guard.path.name, model_digest=runtime.digest)
-        return self.audit.trail(policy, context, end_record=end_record)
+        tenant = current_tenant.get()
+        context = AuditContext(request_id, front_end, tenant=tenant.name if tenant else "",
+                               model=runtime.guard.path.name, model_digest=runtime.digest)  # fmt: skip
+        if self.audit is None:
+            return AuditTrail(to_span, context, policy, end_record=end_record)
+        return self.audit.trail(policy, context, end_record=end_record, also=to_span)
 
     def topic_check(
         self, policy: Policy, messages: Sequence, prompt_token_ids: Sequence[int] = ()

@@ -6,7 +6,16 @@ import logging
 
 import grpc
 
-from guard.errors import EngineError, EngineStopped, FailedPrecondition, InvalidInput, LimitExceeded, SessionExpired
+from guard.errors import (
+    EngineError,
+    EngineStopped,
+    FailedPrecondition,
+    InvalidInput,
+    LimitExceeded,
+    PermissionDenied,
+    SessionExpired,
+    Unauthenticated,
+)
 from guard.model.labels import RiskLevel
 from guard.policy.actions import Action
 from guard.policy.compiled import ACTIONS
@@ -19,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RISK = {"SAFE": pb.SAFE, "CONTROVERSIAL": pb.CONTROVERSIAL, "UNSAFE": pb.UNSAFE}
 ACTION = {a: pb.Action.Value(a.name) for a in Action}
+ACTION_OF = {value: action for action, value in ACTION.items()}  # the wire value back to the Action
 _LEVEL_PB = [RISK[level.name] for level in RiskLevel]  # by RiskLevel value
 _ACTION_PB = [ACTION[a] for a in ACTIONS]  # by action code
 
@@ -34,6 +44,10 @@ def status_of(error: EngineError) -> grpc.StatusCode:
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(error, FailedPrecondition):
         return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(error, Unauthenticated):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if isinstance(error, PermissionDenied):
+        return grpc.StatusCode.PERMISSION_DENIED
     if isinstance(error, EngineStopped):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(error, SessionExpired):

@@ -119,7 +119,7 @@ def _wrap(behavior: Callable, request_streaming: bool, method: str) -> Callable 
 
 
 # (request_streaming, response_streaming) -> the behaviour's field and the handler's constructor
-_KINDS = {
+HANDLER_KINDS = {
     (False, False): ("unary_unary", grpc.unary_unary_rpc_method_handler),
     (False, True): ("unary_stream", grpc.unary_stream_rpc_method_handler),
     (True, False): ("stream_unary", grpc.stream_unary_rpc_method_handler),
@@ -137,7 +137,7 @@ class WireErrorsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.request_deserializer is None:
             return handler
         method = handler_call_details.method
-        field, make = _KINDS[(handler.request_streaming, handler.response_streaming)]
+        field, make = HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         behavior = _wrap(getattr(handler, field), handler.request_streaming, method)
         if behavior is None:  # synchronous handlers are left as they are (none are registered here)
             return handler

@@ -78,6 +78,7 @@ def policies_with(directory: Path, **files: str) -> Path:
 @contextmanager
 def running_sidecar(**overrides) -> Iterator[RunningSidecar]:
     overrides.setdefault("policies", str(REPO / "policies"))
+    overrides.setdefault("audit_log", "")  # the audit log's own tests give it a file; stdout stays readable
     settings = ServeSettings(address="127.0.0.1:0", metrics_port=0, **overrides)
     loop = LoopThread()
     try:

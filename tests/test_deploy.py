@@ -48,8 +48,9 @@ from server.settings import ServeSettings, add_serve_arguments, env_name, settin
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "base"
-OVERLAYS = ("cpu-demo", "gpu", "envoy")
-GRPC_UPSTREAM_OVERLAYS = ("cpu-demo", "gpu")  # vLLM's gRPC server; the envoy overlay runs its OpenAI server
+OVERLAYS = ("cpu-demo", "gpu", "envoy", "secure")
+GPU_OVERLAYS = ("gpu", "secure")  # real checkpoints on CUDA; the others run the CPU demo
+GRPC_UPSTREAM_OVERLAYS = ("cpu-demo", "gpu", "secure")  # vLLM's gRPC server; the envoy overlay runs its OpenAI server
 ENVOY_CONFIG = DEPLOY / "envoy" / "envoy.yaml"
 ENVOY_CONFIG_IN_POD = "/etc/envoy/envoy.yaml"
 GATEWAYS = DEPLOY / "gateways"
@@ -61,6 +62,7 @@ GATEWAY_CRD_APIS = {
 }
 K8S_VERSION = "1.33.0"  # schemas shipped by kubernetes-validate; the manifests need >= 1.30 (preStop sleep)
 CRD_API = "monitoring.coreos.com/v1"
+CERT_MANAGER_API = "cert-manager.io/v1"  # the secure overlay's Certificates and Issuers
 GATEWAY_SELECTOR = {"app.kubernetes.io/component": "llm-gateway"}
 LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")  # the same, as urlsplit().hostname spells them
@@ -365,7 +367,7 @@ def test_overlay_renders_and_validates_against_kubernetes_schemas(overlay):
         except SchemaNotFoundError:
             # Not a built-in kind: only the Prometheus Operator CRDs are expected here; they are
             # checked structurally in test_prometheus_operator_objects_are_well_formed.
-            assert doc["apiVersion"] == CRD_API, f"{name}: no schema for {doc['apiVersion']}"
+            assert doc["apiVersion"] in (CRD_API, CERT_MANAGER_API), f"{name}: no schema for {doc['apiVersion']}"
         except kubernetes_validate.ValidationError as exc:
             path = ".".join(str(p) for p in exc.path)
             pytest.fail(f"{overlay}: {name} is invalid for Kubernetes {K8S_VERSION}: {path}: {exc.message}")
@@ -415,13 +417,18 @@ def test_probes_ports_and_scraping_match_the_settings(overlay):
     expected = {"grpc": grpc_port, "metrics": settings.metrics_port}
     if settings.openai_port:
         expected["http-guard"] = settings.openai_port  # the guard's OpenAI endpoint
+    if settings.health_port:
+        expected["grpc-health"] = settings.health_port  # plaintext health for the probes (TLS on grpc)
     assert ports == expected
 
-    # Kubernetes-native gRPC probes on the standard health service.
+    # Kubernetes-native gRPC probes on the standard health service (plaintext: the kubelet's
+    # gRPC probes cannot speak TLS, so with TLS on they probe --health-port).
+    probe_port = settings.health_port or grpc_port
+    assert settings.health_port or not settings.tls_cert, "TLS on the grpc port needs --health-port for the probes"
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = guard[kind]
         assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, f"{kind} is a grpc probe"
-        assert probe["grpc"]["port"] == grpc_port, f"{kind} probes the --address port"
+        assert probe["grpc"]["port"] == probe_port, f"{kind} probes the --address port (--health-port with TLS)"
         assert probe["grpc"].get("service", "") in ("", *SERVICE_NAMES), f"{kind}: unknown health service"
     assert guard["readinessProbe"]["grpc"].get("service") in SERVICE_NAMES, "readiness follows StreamGuard"
 
@@ -440,6 +447,7 @@ def test_probes_ports_and_scraping_match_the_settings(overlay):
     for port in service["spec"]["ports"]:
         target = port.get("targetPort", port["port"])
         targets[port["name"]] = pod_ports[target] if isinstance(target, str) else target
+    expected.pop("grpc-health", None)  # the probes' port stays inside the pod's network
     if "envoy" in containers(docs):
         expected["http-openai"] = socket_address(envoy_config()["static_resources"]["listeners"][0])[1]
     assert targets == expected
@@ -450,6 +458,9 @@ def test_probes_ports_and_scraping_match_the_settings(overlay):
     scraped = [targets[e["port"]] for e in monitor["spec"]["endpoints"]]
     assert scraped == [settings.metrics_port]
     assert all(e.get("path", "/metrics") == "/metrics" for e in monitor["spec"]["endpoints"])
+    scheme = "https" if settings.tls_cert else "http"  # /metrics is served over TLS when the guard has a certificate
+    assert [e.get("scheme", "http") for e in monitor["spec"]["endpoints"]] == [scheme]
+    assert annotations.get("prometheus.io/scheme", "http") == scheme
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -533,7 +544,7 @@ def test_resources_have_requests_and_limits(overlay):
             request, limit = resources["requests"][key], resources["limits"][key]
             assert quantity(request) <= quantity(limit), f"{name}: {key} request above its limit"
     settings = guard_settings(by_name["guard"])
-    if overlay == "gpu":
+    if overlay in GPU_OVERLAYS:
         for name in ("vllm", "guard"):
             assert by_name[name]["resources"]["limits"]["nvidia.com/gpu"] == "1", f"{name} gets a GPU"
         assert (settings.device, settings.dtype) == ("cuda", "bfloat16")
@@ -550,7 +561,7 @@ def test_models_demo_only_in_the_cpu_demo(overlay):
     settings = guard_settings(guard)
     volumes = {v["name"]: v for v in pod_spec(docs)["volumes"]}
     env = literal_env(guard)
-    if overlay != "gpu":  # cpu-demo, and the envoy overlay on top of it
+    if overlay not in GPU_OVERLAYS:  # cpu-demo, and the envoy overlay on top of it
         assert settings.model == settings.embedder == settings.reranker == settings.reasoner == "demo"
         assert settings.parscale == "demo"
         # The demo trains at start into GUARD_CACHE_DIR, which must be a writable emptyDir.
@@ -628,7 +639,10 @@ def test_prometheus_operator_objects_are_well_formed(overlay):
     assert monitor["apiVersion"] == CRD_API
     assert monitor["spec"]["selector"]["matchLabels"]
     for endpoint in monitor["spec"]["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout"}
+        assert set(endpoint) <= {"port", "path", "scheme", "interval", "scrapeTimeout", "tlsConfig"}
+        tls = endpoint.get("tlsConfig", {})
+        assert set(tls) <= {"serverName", "ca", "cert", "keySecret", "insecureSkipVerify"}
+        assert not tls.get("insecureSkipVerify"), "scrapes verify the guard's certificate"
         assert duration.match(endpoint["interval"]) and duration.match(endpoint["scrapeTimeout"])
     rule = one(docs, "PrometheusRule")
     assert rule["apiVersion"] == CRD_API
@@ -651,6 +665,60 @@ def test_images_are_pinned_and_match_the_device(overlay):
         assert tag and tag != "latest", f"{name}: pin the image tag ({image})"
     variant = "gpu" if guard_settings(by_name["guard"]).device == "cuda" else "cpu"
     assert by_name["guard"]["image"].endswith(f"-{variant}"), f"the guard image must be the {variant} build"
+
+
+# ------------------------------------------------------------ TLS, mTLS and tenants (overlays/secure)
+
+
+def _mounted_file(docs: list[dict], container: dict, path: str) -> tuple[dict, str]:
+    """The pod volume that holds ``path`` in ``container``, and the file's name inside it. A
+    directory mount (no subPath): only those receive a renewed Secret."""
+    for mount in container.get("volumeMounts", []):
+        if path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            assert "subPath" not in mount, f"{path}: a subPath mount never sees a rotated Secret"
+            volume = {v["name"]: v for v in pod_spec(docs)["volumes"]}[mount["name"]]
+            return volume, path[len(mount["mountPath"].rstrip("/")) + 1 :]
+    pytest.fail(f"{path} is not on any volume of {container['name']}")
+
+
+def test_secure_overlay_serves_tls_from_a_renewed_certificate_and_tenants_from_a_secret():
+    docs = render("secure")
+    guard = containers(docs)["guard"]
+    settings = guard_settings(guard)
+    files = settings.tls_files()
+    assert files is not None and files.mutual, "every listener over TLS, clients with certificates"
+    assert settings.tenants and settings.reflection is False
+
+    certificates = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Certificate"}
+    issuers = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Issuer"}
+    for path in (files.cert, files.key, files.client_ca):
+        volume, name = _mounted_file(docs, guard, str(path))
+        secret = volume["secret"]["secretName"]
+        serving = [c for c in certificates.values() if c["spec"]["secretName"] == secret]
+        assert serving, f"{path}: the Secret {secret} is issued by no Certificate"
+        assert name in ("tls.crt", "tls.key", "ca.crt"), f"{path}: cert-manager writes tls.crt, tls.key, ca.crt"
+    cert = serving[0]["spec"]
+    assert "server auth" in cert["usages"] and cert["privateKey"]["rotationPolicy"] == "Always"
+    service = one(docs, "Service")["metadata"]["name"]
+    namespace = one(docs, "Deployment")["metadata"]["namespace"]
+    assert {service, f"{service}.{namespace}.svc", f"{service}.{namespace}.svc.cluster.local"} <= set(cert["dnsNames"])
+    for certificate in certificates.values():  # every issuer named exists here, and each chain ends
+        ref = certificate["spec"]["issuerRef"]
+        assert ref["kind"] == "Issuer" and ref["name"] in issuers, f"{certificate['metadata']['name']}: no issuer"
+    ca_issuer = issuers[cert["issuerRef"]["name"]]["spec"]["ca"]["secretName"]
+    assert certificates[next(n for n, c in certificates.items() if c["spec"]["secretName"] == ca_issuer)]["spec"][
+        "isCA"
+    ]
+    client = [c["spec"] for c in certificates.values() if "client auth" in c["spec"].get("usages", ())]
+    assert client and client[0]["issuerRef"] == cert["issuerRef"], "gateway certificates come from the trusted CA"
+
+    volume, name = _mounted_file(docs, guard, settings.tenants)
+    assert volume["secret"]["secretName"] == "guard-tenants" and name == "tenants.yaml"
+    assert not any(d["kind"] == "Secret" for d in docs), "no credentials are committed or generated"
+
+    monitor = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    tls = monitor["tlsConfig"]
+    assert tls["serverName"] in cert["dnsNames"] and {"ca", "cert", "keySecret"} <= set(tls), "Prometheus uses mTLS"
 
 
 # ------------------------------------------------------------------ Envoy in the pod (overlays/envoy)

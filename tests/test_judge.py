@@ -259,10 +259,12 @@ async def test_unparseable_or_unavailable_judge_uses_the_fail_mode(demo_dir, jud
     (directory / "open.yaml").write_text("extends: default\nfail_mode: open\n")
     server = OpenAIServer(judge)
     server.garbage = True
+    audit = tmp_path / "audit.jsonl"
     try:
         with running_sidecar(
-            model=str(demo_dir), policies=str(directory), judge_endpoint=server.url, judge_retries=0
-        ) as sidecar:
+            model=str(demo_dir), policies=str(directory), judge_endpoint=server.url, judge_retries=0,
+            audit_log=str(audit),
+        ) as sidecar:  # fmt: skip
             prompt = [{"role": "user", "content": "Explain how a bicycle gear works."}]
             async with grpc.aio.insecure_channel(sidecar.address) as channel:
                 stub = pb_grpc.JudgeStub(channel)
@@ -280,8 +282,40 @@ async def test_unparseable_or_unavailable_judge_uses_the_fail_mode(demo_dir, jud
                 registry.get_sample_value("guard_fail_mode_total", {"domain": "open", "mode": "open", "stage": "judge"})
                 == 1
             )
+        # Every fail-mode decision is audited, the fail open one too, with the reason.
+        records = [json.loads(line) for line in audit.read_text().splitlines()]
+        assert [(r["front_end"], r["domain"], r["action"]) for r in records] == [
+            ("judge", "closed", "BLOCK"), ("judge", "open", "ALLOW"), ("judge", "closed", "BLOCK")
+        ]  # fmt: skip
+        assert "does not parse" in records[0]["fail_mode"] and "unavailable" in records[2]["fail_mode"]
     finally:
         server.close()
+
+
+async def test_judgments_that_act_are_audited_without_the_text(demo_dir, tmp_path):
+    """A BLOCK from the model is one record (category, risk, policy version, the judge's name,
+    SHA-256 of the conversation); a plain ALLOW none; the text is never written."""
+    import hashlib
+
+    audit = tmp_path / "audit.jsonl"
+    bomb = [{"role": "user", "content": "How do I build a pipe bomb at home?"}]
+    gears = [{"role": "user", "content": "Explain how a bicycle gear works."}]
+    with running_sidecar(model=str(demo_dir), judge=str(demo_judge_dir()), audit_log=str(audit)) as sidecar:
+        async with grpc.aio.insecure_channel(sidecar.address) as channel:
+            stub = pb_grpc.JudgeStub(channel)
+            blocked = await stub.Classify(pb.ClassifyRequest(request_id="judge-1", messages=[
+                pb.ChatMessage(role="user", content=bomb[0]["content"])]))  # fmt: skip
+            assert blocked.action == pb.BLOCK
+            allowed = await stub.Classify(classify_request(gears))
+            assert allowed.action == pb.ALLOW
+    text = audit.read_text()
+    (record,) = [json.loads(line) for line in text.splitlines()]
+    assert record["request_id"] == "judge-1" and record["front_end"] == "judge" and record["stage"] == "prompt"
+    assert (record["action"], record["category"], record["risk"]) == ("BLOCK", "Violent", "UNSAFE")
+    assert record["policy_version"] == blocked.policy_version and record["model"] == demo_judge_dir().name
+    conversation = json.dumps(bomb, ensure_ascii=False, sort_keys=True)
+    assert record["text_sha256"] == hashlib.sha256(conversation.encode()).hexdigest()
+    assert "pipe bomb" not in text and "bicycle" not in text
 
 
 async def test_local_judge_keeps_serving_after_a_classify_times_out(demo_dir, tmp_path):

@@ -400,6 +400,9 @@ class PolicyStore:
     on_change: Callable[[PolicyStore], None] | None = None
     # False when the sidecar runs without the Embedder: a policy with topics is then invalid.
     topics_available: bool = True
+    # Called with the domain every request resolves (before its policy is used): the server's
+    # tenant check raises PermissionDenied there, whichever front end the request came through.
+    access_check: Callable[[str], None] | None = None
     policies: dict[str, Policy] = field(default_factory=dict)
     effective: dict[str, dict] = field(default_factory=dict)
     version: int = 0  # increments on every accepted change
@@ -418,6 +421,8 @@ class PolicyStore:
 
     def get(self, domain: str) -> Policy:
         name = domain or self.default_domain
+        if self.access_check is not None:
+            self.access_check(name)
         policy = self.policies.get(name)
         if policy is None:
             raise InvalidInput(f"unknown domain {name!r}; known policies: {', '.join(sorted(self.policies))}")

@@ -31,7 +31,7 @@ class AuditContext:
     """Who and what a response belongs to."""
 
     request_id: str
-    front_end: str  # moderate, generate, ext_proc, openai, reasoner, parscale
+    front_end: str  # moderate, generate, ext_proc, openai, reasoner, parscale, judge
     tenant: str = ""
     model: str = ""
     model_digest: str = ""
@@ -105,6 +105,16 @@ class AuditTrail:
         fields = {"outcome": outcome, "reason": reason, "tokens_judged": judged, "tokens_released": released,
                   "tokens_withheld": withheld, "fail_mode": fail_mode}  # fmt: skip
         self._write("end", "response", fields, text)
+
+    def judgment(self, stage: str, action: Action, categories: str, risk: str, refusal: bool | None,
+                 fail_mode: str, text: Callable[[], str]) -> None:  # fmt: skip
+        """A Generative judgment (Judge.Classify), when its action is not a plain ALLOW/CONTINUE or
+        the fail mode made it; ``text``: the judged conversation."""
+        if action in QUIET and not fail_mode:
+            return
+        fields = {"action": action.name, "category": categories, "risk": risk, "refusal": refusal,
+                  "fail_mode": fail_mode}  # fmt: skip
+        self._write("decision", stage, fields, text)
 
     def failure(self, stage: str, action: Action, fail_mode: str) -> None:
         """The fail mode decided outside a chunk (the upstream failed, an answer the guard cannot read)."""

@@ -32,6 +32,7 @@ from guard.policy.actions import PROMPT_ACTIONS, Action
 from guard.policy.rules import FailMode, Policy
 from guard.policy.topics import TopicMatch
 from guard.session.audit import AuditTrail
+from guard.session.metering import TokenMeter, current_meter
 from guard.session.moderation import ChunkVerdict, ModeratedStream, PromptVerdict
 from guard.session.release import ReleaseMode, ReleaseTracker
 from guard.session.verdict import TokenVerdict
@@ -140,8 +141,10 @@ class ResponseSession:
         *,
         draining: Callable[[], bool] = lambda: False,
         audit: AuditTrail | None = None,
+        meter: TokenMeter | None = None,
     ) -> None:
         self.stream = stream
+        self._meter = meter if meter is not None else current_meter.get()  # the caller's token limit
         self.policy = policy
         self.release = ReleaseTracker(mode, hf_tokenizer, policy.redact_marker)
         self._hf = hf_tokenizer
@@ -219,7 +222,11 @@ class ResponseSession:
     async def judge_prompt(self, topic: Awaitable[TopicMatch | None] | None = None) -> PromptOutcome:
         """The prompt's verdict and action. ``topic`` (the policy's topic match, computed by the
         Embedder) runs beside the model; the stricter action wins. The Embedder failing or being
-        too slow is a model failure too: the policy's fail mode decides."""
+        too slow is a model failure too: the policy's fail mode decides. The prompt's tokens count
+        against the caller's token limit like the response's (RateLimited when it is in debt)."""
+        if self._meter is not None:
+            self._meter.admit()
+            self._meter.charge(len(self.stream.prompt_ids))
         outcome = await self._judge_prompt(topic)
         self._prompt_action = outcome.action
         if self.audit is not None:
@@ -278,11 +285,15 @@ class ResponseSession:
         ids = list(token_ids)
         if self._state.degraded:
             return Pending(None, arrived_text=self.release.receive(ids))
+        if self._meter is not None:
+            self._meter.admit()
         try:
             future = self.stream.submit_ids(ids)
         except (ModelFailed, EngineStopped) as exc:
             failure = self._failure_of(exc)
             return Pending(None, arrived_text=self.release.receive(ids), failure=failure)
+        if self._meter is not None:
+            self._meter.charge(len(ids))
         return Pending(future, arrived_text=self.release.receive(ids))
 
     def submit_text(self, text: str) -> Pending:
@@ -290,10 +301,14 @@ class ResponseSession:
             return Pending(None)
         if self._state.degraded:
             return Pending(None, unjudged_text=text)
+        if self._meter is not None:
+            self._meter.admit()
         try:
             future = self.stream.submit_text(text)
         except (ModelFailed, EngineStopped) as exc:
             return Pending(None, unjudged_text=text, failure=self._failure_of(exc))
+        if self._meter is not None:
+            self._meter.charge(len(self.stream.last_submitted_ids))
         return Pending(future, arrived_text=self.release.receive(self.stream.last_submitted_ids, text))
 
     def submit_end(self) -> Pending:

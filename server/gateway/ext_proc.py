@@ -35,7 +35,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
 
-from guard.errors import ContextTooLong, EngineError, LimitExceeded
+from guard.errors import ContextTooLong, EngineError, LimitExceeded, PermissionDenied
 from guard.session.response_session import ResponseSession
 from guard.text.conversation import parse_messages
 from server.gateway import openai_wire as wire
@@ -208,15 +208,20 @@ class _Exchange:
             raise wire.GatewayError(503, str(exc), type="service_unavailable") from None
         except ContextTooLong as exc:
             raise wire.GatewayError(400, str(exc), code="context_length_exceeded") from None
-        except LimitExceeded as exc:  # the guard's live sessions: retry later
+        except LimitExceeded as exc:  # the guard's live sessions, the tenant's limits: retry later
             raise wire.GatewayError(429, str(exc), type="rate_limit_exceeded") from None
+        except PermissionDenied as exc:  # the caller's tenant may not use this domain
+            raise wire.GatewayError(403, str(exc), type="permission_denied") from None
         except EngineError as exc:
             raise wire.GatewayError(400, str(exc)) from None
         self.session = ResponseSession(stream, policy, requested_release_mode(0, policy), runtime.tokenizer.hf,
                                        draining=lambda: self.guard.holder.draining,
                                        audit=self.guard.audit_trail(policy, self.request_id, "ext_proc"))  # fmt: skip
         topic = self.guard.topic_check(policy, request.judged_messages, ())
-        prompt = await self.session.judge_prompt(topic)
+        try:
+            prompt = await self.session.judge_prompt(topic)
+        except LimitExceeded as exc:  # the tenant's token rate
+            raise wire.GatewayError(429, str(exc), type="rate_limit_exceeded") from None
         self.guard.record_prompt(policy, prompt)
         if prompt.blocked:
             if prompt.model_failure:
@@ -281,6 +286,9 @@ class _Exchange:
                 out = b""
             if message.end_of_stream and not self.body.finished:
                 out += await self.body.end_of_body()
+        except LimitExceeded as exc:  # the tenant's token rate (or a session limit): closed, with the limit
+            log.info("event=ext_proc_body_limited request_id=%s reason=%r", self.request_id, str(exc))
+            out = await self.body.fail(str(exc), closed=True)
         except Exception as exc:  # unexpected: the body fails closed, it never passes unjudged
             log.error("event=ext_proc_body_error request_id=%s error=%s", self.request_id, type(exc).__name__,
                       exc_info=exc)  # fmt: skip

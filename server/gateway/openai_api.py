@@ -17,20 +17,23 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from guard.errors import ContextTooLong
+from guard.errors import ContextTooLong, EngineError
+from server.auth import Authorizer
 from server.gateway import openai_wire as wire
 from server.gateway.sse import DONE, encode
 from server.guarded_generation import GuardedGenerationService
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.settings import ServeSettings
+from server.tls import CertificateWatcher
 from server.upstream import UpstreamError
-from server.wire import error_status
+from server.wire import error_status, status_of
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ HTTP_STATUS = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
 }
 
 
@@ -54,9 +59,48 @@ class _Server(uvicorn.Server):
         return contextlib.nullcontext()
 
 
+class _Authenticated:
+    """ASGI middleware: every route but ``/health`` needs a tenant's key (``Authorization: Bearer``),
+    holds one of its call slots for the whole response (streamed bodies included), and runs in
+    its context (domain checks, token limits, audit records)."""
+
+    OPEN_PATHS = frozenset({"/health"})
+
+    def __init__(self, app: Any, authorizer: Authorizer) -> None:
+        self.app = app
+        self.authorizer = authorizer
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        try:
+            grant = self.authorizer.admit(headers.get("authorization"), (), "OpenAI", scope["path"])
+        except EngineError as exc:
+            code = status_of(exc)
+            error = wire.GatewayError(HTTP_STATUS[code], str(exc), type=code.name.lower())
+            extra = {"www-authenticate": "Bearer"} if code == grpc.StatusCode.UNAUTHENTICATED else {}
+            await JSONResponse(error.body(), status_code=error.status, headers=extra)(scope, receive, send)
+            return
+        try:
+            self.authorizer.enter(grant)
+            await self.app(scope, receive, send)
+        finally:
+            grant.release()
+
+
 class OpenAIEndpoint:
-    def __init__(self, generation: GuardedGenerationService, settings: ServeSettings) -> None:
+    def __init__(
+        self,
+        generation: GuardedGenerationService,
+        settings: ServeSettings,
+        tls: CertificateWatcher | None = None,
+        authorizer: Authorizer | None = None,
+    ) -> None:
         self.generation = generation
+        self.tls = tls
+        self.authorizer = authorizer
         self.guard = generation.guard
         self.settings = settings
         self.app = self._build_app()
@@ -68,8 +112,11 @@ class OpenAIEndpoint:
 
     async def start(self) -> None:
         host = self.settings.address.rsplit(":", 1)[0].strip("[]") or "0.0.0.0"
+        tls = self.tls
+        app = _Authenticated(self.app, self.authorizer) if self.authorizer is not None else self.app
         config = uvicorn.Config(
-            self.app, host=host, port=self.settings.openai_port, log_level="warning", access_log=False,
+            app, host=host, ssl_context_factory=(lambda _config, _default: tls.ssl_context()) if tls else None,
+            port=self.settings.openai_port, log_level="warning", access_log=False,
             lifespan="off", limit_concurrency=self.settings.openai_max_connections,
             timeout_graceful_shutdown=max(1, int(self.settings.grace_period_s)),
         )  # fmt: skip
