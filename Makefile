@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale bench-gateway bench-security soak profile-service load-test deploy-policies deploy-render clean
+.PHONY: install serve demo eval test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale bench-gateway bench-security soak profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ serve: install
 ## Build the demo model (cached) and moderate the showcase conversations.
 demo: install
 	$(BIN)/guard demo
+
+## Replay the shipped labelled set (guard/demo/eval_set.jsonl) under the default policy: F1,
+## stop and false-interrupt rates, timeliness, and a sweep of the debounce.
+eval: install
+	$(BIN)/guard eval --data guard/demo/eval_set.jsonl --domain default --sweep debounce=1:4:1
 
 ## The whole test suite, lint included (what CI runs).
 test: install

@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import grpc
 
 from guard.errors import EngineError, InvalidInput
-from guard.judge.judgment import JudgeMode, Judgment, JudgmentParseError
+from guard.judge.judgment import Judgment, JudgmentParseError, judgment_action
 from guard.judge.local import LocalJudge
 from guard.judge.remote import JudgeUnavailable, RemoteJudge
-from guard.model.labels import RiskLevel
 from guard.policy.actions import Action
 from guard.policy.loader import PolicyStore
 from guard.policy.rules import FailMode, Policy
@@ -37,8 +36,6 @@ from server.wire import ACTION, ACTION_OF, RISK, status_of
 
 log = logging.getLogger(__name__)
 
-# The strictest action wins when several categories apply.
-SEVERITY = [Action.CONTINUE, Action.ALLOW, Action.FLAG, Action.REDACT, Action.INTERRUPT, Action.BLOCK]
 MAX_BATCH = 64
 
 
@@ -77,15 +74,6 @@ class JudgeBackend:
 class JudgeHolder:
     def __init__(self) -> None:
         self.backend: JudgeBackend | None = None
-
-
-def judgment_action(policy: Policy, judgment: Judgment) -> tuple[RiskLevel, Action]:
-    stage = "prompt" if judgment.mode is JudgeMode.PROMPT else "response"
-    probs = None
-    if judgment.risk_probs:
-        probs = {RiskLevel[k.upper()]: v for k, v in judgment.risk_probs.items()}
-    decisions = [policy.decide(stage, judgment.risk, c, probs) for c in judgment.categories or (None,)]
-    return max(decisions, key=lambda d: SEVERITY.index(d[1]))
 
 
 class JudgeService(pb_grpc.JudgeServicer):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import AsyncIterator
 
 import grpc
 import yaml
@@ -15,9 +16,11 @@ from guard.policy.loader import PolicyStore
 from guard.policy.topics import TopicMatcher
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
+from server.replay import replay
 from server.retrieval_calls import NotLoaded
+from server.stream_guard import RuntimeHolder
 from server.tenants import current_tenant
-from server.wire import ACTION, RISK, status_of
+from server.wire import ACTION, RISK, Unavailable, status_of
 
 LEVEL_OF = {pb.SAFE: RiskLevel.SAFE, pb.CONTROVERSIAL: RiskLevel.CONTROVERSIAL, pb.UNSAFE: RiskLevel.UNSAFE}
 STAGE_OF = {pb.PROMPT: "prompt", pb.RESPONSE: "response"}
@@ -25,9 +28,10 @@ PROB_KEYS = {"safe": RiskLevel.SAFE, "unsafe": RiskLevel.UNSAFE, "controversial"
 
 
 class PoliciesService(pb_grpc.PoliciesServicer):
-    def __init__(self, store: PolicyStore, topics: TopicMatcher | None = None) -> None:
+    def __init__(self, store: PolicyStore, topics: TopicMatcher | None = None, holder: RuntimeHolder | None = None):
         self.store = store
         self.topics = topics  # the Embedder's topic matcher, for prompts evaluated with `text`
+        self.holder = holder  # the stream model (StreamGuard's), for Replay
 
     def _summary(self, domain: str) -> pb.PolicySummary:
         policy = self.store.policies[domain]
@@ -99,3 +103,16 @@ class PoliciesService(pb_grpc.PoliciesServicer):
     async def Reload(self, request, context) -> pb.ReloadResponse:
         result = await asyncio.to_thread(self.store.reload)
         return pb.ReloadResponse(ok=result.ok, changed=result.changed, generation=result.version, error=result.error)
+
+    async def Replay(self, request_iterator, context) -> AsyncIterator[pb.ReplayResponse]:
+        """`guard eval` on the sidecar's model (server/replay.py)."""
+        try:
+            if self.holder is None:
+                raise Unavailable("Replay needs the StreamGuard service's model, which this sidecar does not serve")
+            runtime = self.holder.ready()
+            async for response in replay(request_iterator, context, self.store, runtime):
+                yield response
+        except Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except EngineError as exc:  # a malformed exchange, an unknown domain, an invalid candidate, limits
+            await context.abort(status_of(exc), str(exc))

@@ -105,7 +105,8 @@ def _guarded_generation(ctx: ServiceContext) -> HostedService:
 def _policies(ctx: ServiceContext) -> HostedService:
     from server.policies_service import PoliciesService
 
-    service = PoliciesService(ctx.policies, _topic_matcher(ctx))
+    guard = ctx.built.get("StreamGuard")
+    service = PoliciesService(ctx.policies, _topic_matcher(ctx), guard.state.holder if guard is not None else None)
     return HostedService(
         add_to_server=lambda server: guard_pb2_grpc.add_PoliciesServicer_to_server(service, server),
         service_names=(_full_name("Policies"),),

@@ -667,6 +667,19 @@ def test_images_are_pinned_and_match_the_device(overlay):
     assert by_name["guard"]["image"].endswith(f"-{variant}"), f"the guard image must be the {variant} build"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_guard_container_is_hardened(overlay):
+    """Non-root, read-only root filesystem, no privilege escalation, every capability dropped,
+    the runtime's default seccomp profile: a compromised sidecar can change little."""
+    docs = render(overlay)
+    context = containers(docs)["guard"]["securityContext"]
+    assert context["runAsNonRoot"] is True and context["runAsUser"] != 0
+    assert context["readOnlyRootFilesystem"] is True and context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add")
+    seccomp = context.get("seccompProfile") or pod_spec(docs).get("securityContext", {}).get("seccompProfile")
+    assert seccomp == {"type": "RuntimeDefault"}
+
+
 # ------------------------------------------------------------ TLS, mTLS and tenants (overlays/secure)
 
 

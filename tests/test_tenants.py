@@ -126,12 +126,13 @@ def audit_records(running) -> list[dict]:
 
 
 async def drain(call, close: bool = False) -> None:
-    """Read a Moderate call to its end (its status is then in ``call.code()``)."""
+    """Read a Moderate call to its end (its status is then in ``call.code()``). ``close``: once the
+    prompt verdict is in, send `close` (never into a call the server has already ended: a write
+    that fails would become the call's status)."""
     try:
-        if close:
-            await call.write(pb.ModerateRequest(close=pb.CloseRequest()))
-        while await call.read() is not grpc.aio.EOF:
-            pass
+        while (message := await call.read()) is not grpc.aio.EOF:
+            if close and message.WhichOneof("kind") == "prompt":
+                await call.write(pb.ModerateRequest(close=pb.CloseRequest()))
     except grpc.aio.AioRpcError:
         pass
 
@@ -213,14 +214,15 @@ async def test_a_tenant_over_its_concurrent_calls_is_refused_with_the_limit(guar
         assert (
             await guard.Info(pb.InfoRequest(), metadata=bearer("ops"), timeout=10)
         ).live_sessions == 1  # others go on
-        await drain(first, close=True)
+        await first.write(pb.ModerateRequest(close=pb.CloseRequest()))  # the call is open: its prompt was read
+        await drain(first)
         assert await first.code() == grpc.StatusCode.OK
         assert (await guard.Info(pb.InfoRequest(), metadata=bearer("one"), timeout=10)).live_sessions == 0  # slot back
 
 
 async def test_a_tenant_over_its_token_rate_is_stopped_mid_stream(guarded):
     """Burst 8 tokens at 0.01 tokens/s: the prompt is judged (its tokens take the bucket into
-    debt), the next chunk is refused with the limit in the message, the session is closed, and a
+    debt), the first chunk is refused with the limit in the message, the session is closed, and a
     new stream of the tenant is refused at its prompt."""
     async with grpc.aio.insecure_channel(guarded.address) as channel:
         guard = pb_grpc.StreamGuardStub(channel)
@@ -230,8 +232,7 @@ async def test_a_tenant_over_its_token_rate_is_stopped_mid_stream(guarded):
         await call.write(
             pb.ModerateRequest(chunk=pb.ChunkRequest(text="Rivers carry water from the hills down to the sea. "))
         )
-        await call.write(pb.ModerateRequest(chunk=pb.ChunkRequest(text="They shape valleys over thousands of years. ")))
-        await drain(call)
+        await drain(call)  # that chunk is refused: the server ends the call
         assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "tenant 'metered' is over its limit of 0.01 tokens per second (burst 8)" in await call.details()
         again = guard.Moderate(metadata=bearer("meter"), timeout=30)

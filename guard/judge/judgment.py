@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 
 from guard.model.labels import RiskLevel
+from guard.policy.actions import SEVERITY, Action
+from guard.policy.rules import Policy
 
 SAFETY = re.compile(r"Safety: (Safe|Unsafe|Controversial)")
 CATEGORY = re.compile(
@@ -83,3 +85,13 @@ def lines_complete(text: str, mode: JudgeMode) -> bool:
     if mode is JudgeMode.RESPONSE:
         return REFUSAL.search(text) is not None
     return re.search(r"Categories:[^\n]*\n", text) is not None
+
+
+def judgment_action(policy: Policy, judgment: Judgment) -> tuple[RiskLevel, Action]:
+    """The domain's effective level and action for a judgment: each category decided, the strictest kept."""
+    stage = "prompt" if judgment.mode is JudgeMode.PROMPT else "response"
+    probs = None
+    if judgment.risk_probs:
+        probs = {RiskLevel[k.upper()]: v for k, v in judgment.risk_probs.items()}
+    decisions = [policy.decide(stage, judgment.risk, c, probs) for c in judgment.categories or (None,)]
+    return max(decisions, key=lambda d: SEVERITY.index(d[1]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 
 class Action(enum.Enum):
@@ -16,3 +17,9 @@ class Action(enum.Enum):
 
 PROMPT_ACTIONS = (Action.ALLOW, Action.FLAG, Action.BLOCK)
 RESPONSE_ACTIONS = (Action.CONTINUE, Action.ALLOW, Action.FLAG, Action.REDACT, Action.INTERRUPT)
+# Least to most severe: where several decisions apply (categories, chunks), the strictest wins.
+SEVERITY = (Action.CONTINUE, Action.ALLOW, Action.FLAG, Action.REDACT, Action.INTERRUPT, Action.BLOCK)
+
+
+def strictest(actions: Iterable[Action]) -> Action:
+    return max(actions, key=SEVERITY.index)

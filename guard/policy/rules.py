@@ -121,6 +121,13 @@ class Policy:
         override = overrides.get(category_key(category)) if category else None
         return level, override or actions[level]
 
+    def thresholded(self, level: RiskLevel, probs: Mapping[RiskLevel, float]) -> RiskLevel:
+        """The model's level under this policy's thresholds (its own label without thresholds),
+        before the strict/loose rule: what an evaluation scores, strict and loose."""
+        if self.unsafe_threshold is None and self.controversial_threshold is None:
+            return level
+        return self._thresholded(probs)
+
     def _thresholded(self, probs: Mapping[RiskLevel, float]) -> RiskLevel:
         unsafe_t = 0.5 if self.unsafe_threshold is None else self.unsafe_threshold
         if probs.get(RiskLevel.UNSAFE, 0.0) >= unsafe_t:

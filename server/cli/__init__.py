@@ -1,5 +1,5 @@
 """The ``guard`` command line, one module per command: moderate, serve, judge, embed, rerank,
-reason, parscale, policy, tenants, demo."""
+reason, parscale, policy, eval, tenants, demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import sys
 
 from guard.errors import EngineError
-from server.cli import demo, embed, judge, moderate, parscale, policy, reason, rerank, serve, tenants
+from server.cli import demo, embed, evaluate, judge, moderate, parscale, policy, reason, rerank, serve, tenants
 
 EXIT_USAGE = 2
 # Top-level modules of the `serve` extra: a gateway install (client + interceptor) lacks them.
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guard", description="Streaming Qwen3Guard safety sidecar")
     parser.add_argument("--log-level", default="WARNING", help="logging level for commands other than serve")
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (moderate, serve, judge, embed, rerank, reason, parscale, policy, tenants, demo):
+    for command in (moderate, serve, judge, embed, rerank, reason, parscale, policy, evaluate, tenants, demo):
         command.add_parser(sub)
     return parser
 

@@ -579,3 +579,69 @@ class GenerateResponse(_message.Message):
     chunk: GenerationChunk
     end: GenerationEnd
     def __init__(self, start: _Optional[_Union[GenerationStart, _Mapping]] = ..., chunk: _Optional[_Union[GenerationChunk, _Mapping]] = ..., end: _Optional[_Union[GenerationEnd, _Mapping]] = ...) -> None: ...
+
+class ReplayOptions(_message.Message):
+    __slots__ = ("domain", "candidate_yaml")
+    DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_YAML_FIELD_NUMBER: _ClassVar[int]
+    domain: str
+    candidate_yaml: str
+    def __init__(self, domain: _Optional[str] = ..., candidate_yaml: _Optional[str] = ...) -> None: ...
+
+class ReplayRequest(_message.Message):
+    __slots__ = ("options", "example_json")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_JSON_FIELD_NUMBER: _ClassVar[int]
+    options: ReplayOptions
+    example_json: str
+    def __init__(self, options: _Optional[_Union[ReplayOptions, _Mapping]] = ..., example_json: _Optional[str] = ...) -> None: ...
+
+class ReplayOutcome(_message.Message):
+    __slots__ = ("index", "id", "error", "prompt_action", "response_action", "interrupt_index", "released", "candidate_prompt_action", "candidate_response_action", "candidate_interrupt_index")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_ACTION_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PROMPT_ACTION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_RESPONSE_ACTION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_INTERRUPT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    id: str
+    error: str
+    prompt_action: Action
+    response_action: Action
+    interrupt_index: int
+    released: int
+    candidate_prompt_action: Action
+    candidate_response_action: Action
+    candidate_interrupt_index: int
+    def __init__(self, index: _Optional[int] = ..., id: _Optional[str] = ..., error: _Optional[str] = ..., prompt_action: _Optional[_Union[Action, str]] = ..., response_action: _Optional[_Union[Action, str]] = ..., interrupt_index: _Optional[int] = ..., released: _Optional[int] = ..., candidate_prompt_action: _Optional[_Union[Action, str]] = ..., candidate_response_action: _Optional[_Union[Action, str]] = ..., candidate_interrupt_index: _Optional[int] = ...) -> None: ...
+
+class ReplaySummary(_message.Message):
+    __slots__ = ("examples", "skipped", "policy_version", "metrics_json", "candidate_policy_version", "candidate_metrics_json", "changes_json")
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_JSON_FIELD_NUMBER: _ClassVar[int]
+    examples: int
+    skipped: int
+    policy_version: str
+    metrics_json: str
+    candidate_policy_version: str
+    candidate_metrics_json: str
+    changes_json: str
+    def __init__(self, examples: _Optional[int] = ..., skipped: _Optional[int] = ..., policy_version: _Optional[str] = ..., metrics_json: _Optional[str] = ..., candidate_policy_version: _Optional[str] = ..., candidate_metrics_json: _Optional[str] = ..., changes_json: _Optional[str] = ...) -> None: ...
+
+class ReplayResponse(_message.Message):
+    __slots__ = ("outcome", "summary")
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    outcome: ReplayOutcome
+    summary: ReplaySummary
+    def __init__(self, outcome: _Optional[_Union[ReplayOutcome, _Mapping]] = ..., summary: _Optional[_Union[ReplaySummary, _Mapping]] = ...) -> None: ...

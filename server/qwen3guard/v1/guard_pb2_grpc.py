@@ -258,6 +258,11 @@ class PoliciesStub:
                 request_serializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.Replay = channel.stream_stream(
+                '/qwen3guard.v1.Policies/Replay',
+                request_serializer=qwen3guard_dot_v1_dot_guard__pb2.ReplayRequest.SerializeToString,
+                response_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ReplayResponse.FromString,
+                _registered_method=True)
 
 
 class PoliciesServicer:
@@ -292,6 +297,16 @@ class PoliciesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Replay(self, request_iterator, context):
+        """Replay labelled conversations under a domain's policy, and a candidate policy beside it:
+        `options` first, then one example per message (a line of a `guard eval` JSONL file); the
+        outcomes come back in the examples' order as they are judged, then one `summary` (the
+        metrics of `guard eval --json`). The same machinery as the live streams, on the sidecar's model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PoliciesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -314,6 +329,11 @@ def add_PoliciesServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadRequest.FromString,
                     response_serializer=qwen3guard_dot_v1_dot_guard__pb2.ReloadResponse.SerializeToString,
+            ),
+            'Replay': grpc.stream_stream_rpc_method_handler(
+                    servicer.Replay,
+                    request_deserializer=qwen3guard_dot_v1_dot_guard__pb2.ReplayRequest.FromString,
+                    response_serializer=qwen3guard_dot_v1_dot_guard__pb2.ReplayResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -425,6 +445,33 @@ class Policies:
             '/qwen3guard.v1.Policies/Reload',
             qwen3guard_dot_v1_dot_guard__pb2.ReloadRequest.SerializeToString,
             qwen3guard_dot_v1_dot_guard__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Replay(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/qwen3guard.v1.Policies/Replay',
+            qwen3guard_dot_v1_dot_guard__pb2.ReplayRequest.SerializeToString,
+            qwen3guard_dot_v1_dot_guard__pb2.ReplayResponse.FromString,
             options,
             channel_credentials,
             insecure,

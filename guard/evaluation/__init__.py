@@ -1,0 +1,1 @@
+"""Policy evaluation: replay labelled conversations through the guard and measure what a policy does."""
