@@ -4,6 +4,7 @@ policy whose effect is known, a sweep, and the shipped demo set."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -107,6 +108,8 @@ def test_malformed_lines_are_reported_with_their_number_and_skipped():
 def test_sweep_specifications():
     assert parse_sweep("threshold=0.3:0.9:0.2") == ("threshold", [0.3, 0.5, 0.7, 0.9])
     assert parse_sweep("debounce=1:3:1") == ("debounce", [1, 2, 3])
+    assert parse_sweep("debounce=1:4:2") == ("debounce", [1, 3])  # never past STOP
+    assert parse_sweep("threshold=0.5:1:0.3") == ("threshold", [0.5, 0.8])
     for bad in ("temperature=0:1:0.1", "threshold=0.9:0.3:0.1", "threshold=0:2:0.5", "debounce=0.5:2:0.5",
                 "threshold=0.3-0.9"):  # fmt: skip
         with pytest.raises(ValueError):
@@ -185,13 +188,13 @@ async def test_policies_replay_streams_outcomes_in_order_then_the_summary(demo_d
     """The same evaluation against a running sidecar: outcomes in the examples' order (a malformed
     one as an error), a candidate beside the policy, and the summary `guard eval --json` gives."""
     import grpc
-    from servers import REPO, running_sidecar
+    from servers import running_sidecar
 
     from server.qwen3guard.v1 import guard_pb2 as pb
     from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 
-    # A whole document for the domain (it may extend the others, not itself): INTERRUPT -> FLAG.
-    candidate = (REPO / "policies" / "default.yaml").read_text().replace("  unsafe: INTERRUPT", "  unsafe: FLAG")
+    # Only what changes, over the domain's current version: INTERRUPT -> FLAG.
+    candidate = "extends: default\nresponse:\n  unsafe: FLAG\n"
     lines = [json.dumps(line) for line in SMALL_SET]
     lines.insert(1, "{broken")
 
@@ -231,6 +234,15 @@ async def test_policies_replay_streams_outcomes_in_order_then_the_summary(demo_d
                     async for _ in stub.Replay(bad(first), timeout=60):
                         pass
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and match in refused.value.details()
+            # An interactive caller: one example, then it waits for that outcome before sending more.
+            call = stub.Replay(timeout=60)
+            await call.write(pb.ReplayRequest(options=pb.ReplayOptions(domain="default")))
+            await call.write(pb.ReplayRequest(example_json=lines[0]))
+            first = await asyncio.wait_for(call.read(), 30)
+            assert first.outcome.index == 1 and first.outcome.id == "safe"
+            await call.done_writing()
+            last = await call.read()
+            assert last.WhichOneof("kind") == "summary" and last.summary.examples == 1
             info = await pb_grpc.StreamGuardStub(channel).Info(pb.InfoRequest(), timeout=10)
             assert info.live_sessions == 0
 

@@ -118,6 +118,7 @@ def summarize(results: Sequence[ExampleResult], seconds: float) -> dict[str, Any
         },
         "timeliness": timeliness(results),
         "actions_by_category": actions_by_category(results),
+        "model_failures": sum(1 for r in results if r.model_failure),  # the fail mode decided: not the model
         "tokens_judged": tokens,
         "ms_per_token": seconds * 1e3 / tokens if tokens else None,
     }

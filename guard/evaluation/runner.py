@@ -13,13 +13,13 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from guard.errors import EngineError
 from guard.evaluation.dataset import Example, LineProblem
 from guard.model.labels import RiskLabels, RiskLevel
 from guard.policy.actions import Action, strictest
-from guard.policy.rules import Policy
+from guard.policy.rules import Policy, ReleaseDefault
 from guard.session.release import ReleaseMode
 from guard.session.response_session import ResponseSession
 
@@ -42,6 +42,7 @@ class ExampleResult:
     unsafe_start_token: int | None  # the token holding ``unsafe_start``
     sentence_end_token: int | None  # the token holding the end of the first unsafe sentence
     seconds: float
+    model_failure: str = ""  # the model failed and the fail mode decided (the numbers do not measure the model)
 
     @property
     def interrupted(self) -> bool:
@@ -77,8 +78,23 @@ def _level(policy: Policy, verdict, levels: dict[str, RiskLevel]) -> RiskLevel:
     return policy.thresholded(levels[verdict.risk_label], probs)
 
 
+EVAL_TIMEOUT_MS = 600_000  # replays measure decisions, not latency: a busy machine must not turn into fail modes
+
+
+def evaluation_policy(policy: Policy) -> Policy:
+    """``policy`` as an evaluation runs it: the same rules, without the live model timeout (32
+    examples at once on a CPU may take longer than a live stream's budget)."""
+    return replace(policy, model_timeout_ms=max(policy.model_timeout_ms, EVAL_TIMEOUT_MS), version=policy.version)
+
+
+def release_mode_of(policy: Policy) -> ReleaseMode:
+    """The domain's default release mode (what a stream that asks for none gets)."""
+    return ReleaseMode.OPTIMISTIC if policy.release_mode is ReleaseDefault.OPTIMISTIC else ReleaseMode.HOLD_BACK
+
+
 async def evaluate_example(runtime, example: Example, policy: Policy, levels: dict[str, RiskLevel]) -> ExampleResult:
     started = time.perf_counter()
+    policy = evaluation_policy(policy)
     tokenizer, hf = runtime.tokenizer, runtime.tokenizer.hf
     if example.has_response:
         rendered, ids = tokenizer.split_response(list(example.messages))
@@ -86,7 +102,7 @@ async def evaluate_example(runtime, example: Example, policy: Policy, levels: di
         rendered, ids = tokenizer.render_prompt(list(example.messages)), []
     stream = runtime.moderator.open(prompt_ids=rendered.prompt_ids, preamble_ids=rendered.preamble_ids,
                                     policy=policy, loop=asyncio.get_running_loop())  # fmt: skip
-    session = ResponseSession(stream, policy, ReleaseMode.HOLD_BACK, hf)
+    session = ResponseSession(stream, policy, release_mode_of(policy), hf)
     try:
         prompt = await session.judge_prompt()
         verdict = prompt.verdict.verdict if prompt.verdict is not None else None
@@ -95,11 +111,13 @@ async def evaluate_example(runtime, example: Example, policy: Policy, levels: di
         worst: tuple[RiskLevel, str] = (RiskLevel.SAFE, "")
         interrupt_category = ""
         interrupt_index, judged, released = None, 0, 0
+        failure = prompt.model_failure
         for token in ids:
             outcome = await session.resolve(session.submit_ids([token]))
             if outcome is None:
                 break
             judged, released = outcome.judged, outcome.released
+            failure = failure or outcome.model_failure
             actions.append(outcome.action)
             for judged_token in outcome.tokens:
                 level = _level(policy, judged_token.verdict, levels)
@@ -107,8 +125,8 @@ async def evaluate_example(runtime, example: Example, policy: Policy, levels: di
                     worst = (level, judged_token.verdict.category or "")
                 if outcome.flag_index is not None and judged_token.index == outcome.flag_index:
                     interrupt_category = judged_token.verdict.category or ""
-            if outcome.interrupted:
-                interrupt_index = outcome.flag_index
+            if outcome.interrupted:  # by the rule, or by the fail mode (no rule index: where it stopped)
+                interrupt_index = outcome.flag_index if outcome.flag_index is not None else max(0, outcome.received - 1)
                 break
         if interrupt_index is None and ids:
             released = session.final().released
@@ -130,6 +148,7 @@ async def evaluate_example(runtime, example: Example, policy: Policy, levels: di
         unsafe_start_token=unsafe_token,
         sentence_end_token=sentence_end,
         seconds=time.perf_counter() - started,
+        model_failure=failure,
     )
 
 

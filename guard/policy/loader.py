@@ -428,6 +428,23 @@ class PolicyStore:
             raise InvalidInput(f"unknown domain {name!r}; known policies: {', '.join(sorted(self.policies))}")
         return policy
 
+    def candidate(self, domain: str, text: str, source: str = "(candidate)") -> Policy:
+        """``text`` compiled as ``domain``'s policy against the active set: it may extend any domain
+        the caller may use, its own domain's current version included (a candidate that says
+        only what changes). PolicyError (file:line) when it does not compile."""
+        raw, lines, problems = parse_policy_text(text, source)
+        if problems:
+            raise PolicyError(problems)
+        parent = raw.get("extends")
+        if parent is not None:
+            if self.access_check is not None:
+                self.access_check(parent)
+            if parent not in self.effective:
+                raise PolicyError([Problem(source, lines.get("extends", 0), "extends", f"no domain {parent!r}")])
+            inherited = {k: v for k, v in self.effective[parent].items() if k not in ("description", "extends")}
+            raw = _merge(inherited, raw)
+        return compile_policy(domain, {k: v for k, v in raw.items() if k != "extends"}, source)
+
     def _read(self) -> dict[str, tuple[str, str]]:
         if self.directory is None:
             return {self.default_domain: ("(built-in)", "description: built-in default policy\n")}

@@ -11,7 +11,8 @@ f1; ``blocked``, ``blocked_unsafe_rate``, ``blocked_safe_rate``; ``interrupted``
 ``false_interrupt_rate``), ``timeliness`` (n, interrupted, at_first_sentence,
 within_128_tokens, released_past_unsafe_start {mean, max, zero}, interrupt_offsets),
 ``actions_by_category`` ({stage: {category: {action: count}}}), ``tokens_judged``,
-``ms_per_token``, ``refused`` ([{line, error}]: examples the guard refused, e.g. over its
+``ms_per_token``, ``model_failures`` (examples where the model failed and the fail mode
+decided), ``refused`` ([{line, error}]: examples the guard refused, e.g. over its
 token limit). With ``--judge`` / ``--endpoint``, ``"judge": {"backend": str, "metrics":
 {examples, failed, prompt: {strict, loose, blocked}, response: {strict, loose, stop_rate,
 false_interrupt_rate}, ms_per_example}}`` (else null): the Generative judge on the same examples,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import time
 from dataclasses import replace
@@ -43,7 +45,7 @@ def parse_sweep(text: str) -> tuple[str, list[float]]:
         raise ValueError(f"--sweep {text!r}: expected {name}=START:STOP:STEP, e.g. threshold=0.3:0.9:0.1") from None
     if step <= 0 or stop < start:
         raise ValueError(f"--sweep {text!r}: STEP must be > 0 and STOP >= START")
-    count = round((stop - start) / step) + 1
+    count = math.floor((stop - start) / step + 1e-9) + 1  # STOP included when on the grid, never passed
     if count > 100:
         raise ValueError(f"--sweep {text!r}: {count} values; at most 100")
     values = [round(start + i * step, 10) for i in range(count)]
