@@ -58,24 +58,22 @@ import os
 import platform
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import yaml
 from load_test import free_port, percentile, wait_serving
+from processes import guard_command, running
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 ENVOY = Path(sys.executable).with_name("envoy")
-GUARD = Path(sys.executable).with_name("guard")
 DOMAIN = "permissive"
 PERMISSIVE = "extends: default\nthresholds:\n  unsafe: 1.0\n"
 MODEL_NAME = "scripted"
@@ -220,24 +218,6 @@ def serve_upstream(args) -> int:
 # ---------------------------------------------------------------------------------- processes
 
 
-@contextlib.contextmanager
-def running(command: list[str], what: str, log: Path) -> Iterator[subprocess.Popen]:
-    """A server process, output to ``log``, always ended: SIGTERM, then wait (SIGKILL if need be)."""
-    print(f"# starting {what}: {' '.join(command)}", file=sys.stderr)
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
-
-
 async def wait_http(url: str, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
     """GET ``url`` answers 200, or fail at once when the process exited."""
     deadline = time.monotonic() + timeout
@@ -282,7 +262,7 @@ async def running_envoy(config: dict, name: str, work: Path, concurrency: int):
     if concurrency:
         command += ["--concurrency", str(concurrency)]
     log = work / f"envoy-{name}.log"
-    with running(command, f"envoy ({name})", log) as process:
+    with running(command, f"envoy ({name})", log=log, grace_s=30) as process:
         admin = config["admin"]["address"]["socket_address"]["port_value"]
         await wait_http(f"http://127.0.0.1:{admin}/ready", process, log, timeout=60)
         yield f"http://127.0.0.1:{config['static_resources']['listeners'][0]['address']['socket_address']['port_value']}"
@@ -452,11 +432,11 @@ async def live_sessions(address: str) -> int:
 
 
 def sidecar_command(args, address: str, metrics_port: int, openai_port: int, upstream: str, policies: Path) -> list:
-    return [
-        str(GUARD), "serve", "--model", args.model, "--judge", "", "--address", address,
-        "--metrics-port", str(metrics_port), "--log-level", "WARNING", "--policies", str(policies),
+    return guard_command(
+        "serve", "--model", args.model, "--judge", "", "--address", address,
+        "--metrics-port", str(metrics_port), "--log-level", "WARNING", "--audit-log", "", "--policies", str(policies),
         "--ext-proc", "--ext-proc-token-ids", "--openai-port", str(openai_port), "--upstream-url", upstream,
-    ]  # fmt: skip
+    )  # fmt: skip
 
 
 async def run(args, work: Path) -> tuple[dict, list[dict], dict]:
@@ -482,7 +462,7 @@ async def run(args, work: Path) -> tuple[dict, list[dict], dict]:
                 "--model", args.model, "--events", str(args.events), "--interval-ms", str(args.interval_ms),
             ]  # fmt: skip
             log = work / "upstream.log"
-            process = stack.enter_context(running(command, "scripted upstream", log))
+            process = stack.enter_context(running(command, "scripted upstream", log=log, grace_s=30))
             upstream = f"http://127.0.0.1:{port}"
             await wait_http(upstream + "/v1/models", process, log)
             pieces = token_pieces(args.model, args.events)[1]
@@ -494,7 +474,7 @@ async def run(args, work: Path) -> tuple[dict, list[dict], dict]:
             policies = policies_dir(work / "policies")
             command = sidecar_command(args, address, free_port(), openai_port, upstream, policies)
             log = work / "sidecar.log"
-            sidecar = stack.enter_context(running(command, "sidecar", log))
+            sidecar = stack.enter_context(running(command, "sidecar", log=log, grace_s=30))
             urls["openai"] = f"http://127.0.0.1:{openai_port}"
             await wait_http(urls["openai"] + "/health", sidecar, log)
             await wait_serving(address)

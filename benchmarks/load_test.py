@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from processes import guard_command, running
 
 from guard.demo.corpus import SHOWCASE
 from guard.runtime import resolve_model
@@ -124,28 +124,14 @@ async def wait_serving(address: str, timeout: float = 180) -> None:
 
 
 async def main_async(args) -> dict:
-    process = None
     address = args.address
-    if address is None:
-        address = f"127.0.0.1:{free_port()}"
-        guard = str(Path(sys.executable).with_name("guard"))
-        process = subprocess.Popen(
-            [
-                guard,
-                "serve",
-                "--model",
-                args.model,
-                "--address",
-                address,
-                "--metrics-port",
-                "0",
-                "--log-level",
-                "WARNING",
-                "--max-sessions",
-                str(max(args.streams) * 2),
-            ]
-        )
-    try:
+    with contextlib.ExitStack() as stack:
+        if address is None:
+            address = f"127.0.0.1:{free_port()}"
+            command = guard_command("serve", "--model", args.model, "--address", address, "--metrics-port", "0",
+                                    "--log-level", "WARNING", "--audit-log", "",
+                                    "--max-sessions", str(max(args.streams) * 2))  # fmt: skip
+            stack.enter_context(running(command, "sidecar"))
         await wait_serving(address)
         async with SidecarClient(address) as client:
             info = await client.info()
@@ -182,10 +168,6 @@ async def main_async(args) -> dict:
             },
             "levels": rows,
         }
-    finally:
-        if process is not None:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +40,7 @@ from pathlib import Path
 import grpc
 import torch
 from load_test import free_port, percentile, wait_serving
+from processes import guard_command, running
 
 from guard.retrieval.backbone import LastHiddenState
 from guard.retrieval.embedder import Embedder, EmbedInput
@@ -196,13 +196,12 @@ async def grpc_levels(address: str, count: int, callers: int, lengths: tuple[int
         ]
 
 
-def serve(args, address: str) -> subprocess.Popen:
-    command = [
-        str(Path(sys.executable).with_name("guard")), "serve", "--model", "demo", "--judge", "",
+def serve_command(args, address: str) -> list[str]:
+    return guard_command(
+        "serve", "--model", "demo", "--judge", "",
         "--embedder", str(args.embedder), "--reranker", str(args.reranker), "--address", address,
-        "--metrics-port", "0", "--log-level", "WARNING",
-    ]  # fmt: skip
-    return subprocess.Popen(command, env=os.environ.copy())
+        "--metrics-port", "0", "--log-level", "WARNING", "--audit-log", "",
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- output
@@ -320,13 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                 ("images/s", "images_per_s", ",.1f")])  # fmt: skip
         if "grpc" in parts:
             address = f"127.0.0.1:{free_port()}"
-            process = serve(args, address)
-            try:
+            with running(serve_command(args, address), "sidecar"):
                 asyncio.run(wait_serving(address))
                 rows = asyncio.run(grpc_levels(address, args.inputs, args.callers, lengths))
-            finally:
-                process.terminate()
-                process.wait(60)
             results["grpc"] = rows
             table(f"{args.callers} concurrent callers vs serial calls (gRPC, one input per call)", rows, [
                 ("model", "model", "s"), ("serial/s", "serial_per_s", ",.1f"),

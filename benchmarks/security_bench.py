@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import grpc  # noqa: E402
 import trustme  # noqa: E402
 from load_test import free_port, run_level, wait_serving  # noqa: E402
+from processes import guard_command, running  # noqa: E402
 
 from guard.demo.corpus import SHOWCASE  # noqa: E402
 from guard.runtime import resolve_model  # noqa: E402
@@ -58,18 +59,18 @@ def write_credentials(directory: Path) -> dict:
     return {"server_ca": server_ca, "client": client_ca.issue_cert("bench-client")}
 
 
-def start(mode: str, directory: Path) -> tuple[subprocess.Popen, str, str]:
-    """`guard serve` in ``mode``: the process, its gRPC address, and the plaintext health address."""
+def start(mode: str, directory: Path, stack: contextlib.ExitStack) -> tuple[str, str]:
+    """`guard serve` in ``mode`` for as long as ``stack``: its gRPC and its plaintext health address."""
     port, health = free_port(), free_port()
-    args = [str(Path(sys.executable).with_name("guard")), "serve", "--model", "demo", "--judge", "",
+    args = guard_command("serve", "--model", "demo", "--judge", "",
             "--address", f"127.0.0.1:{port}", "--metrics-port", "0", "--audit-log", "", "--log-level", "WARNING",
-            "--health-port", str(health), "--max-sessions", "512"]  # fmt: skip
+            "--health-port", str(health), "--max-sessions", "512")  # fmt: skip
     if mode != "plaintext":
         args += ["--tls-cert", str(directory / "tls.crt"), "--tls-key", str(directory / "tls.key")]
     if mode == "mtls+auth":
         args += ["--tls-client-ca", str(directory / "ca.crt"), "--tenants", str(directory / "tenants.yaml")]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return process, f"127.0.0.1:{port}", f"127.0.0.1:{health}"
+    stack.enter_context(running(args, f"sidecar ({mode})", quiet=True))
+    return f"127.0.0.1:{port}", f"127.0.0.1:{health}"
 
 
 def channel(mode: str, address: str, credentials: dict) -> grpc.aio.Channel:
@@ -115,19 +116,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         credentials = write_credentials(directory)
-        started = {mode: start(mode, directory) for mode in MODES}
-        try:
+        with contextlib.ExitStack() as stack:
+            started = {mode: start(mode, directory, stack) for mode in MODES}
 
             async def run() -> dict:
-                await asyncio.gather(*(wait_serving(health) for _, _, health in started.values()))
-                servers = {mode: address for mode, (_, address, _) in started.items()}
+                await asyncio.gather(*(wait_serving(health) for _, health in started.values()))
+                servers = {mode: address for mode, (address, _) in started.items()}
                 return await measure(args, servers, credentials, example.prompt, ids)
 
             runs = asyncio.run(run())
-        finally:
-            for process, _, _ in started.values():
-                process.terminate()
-                process.wait(60)
     rows = []
     for mode in MODES:
         p50 = statistics.median(r["p50_ms"] for r in runs[mode])

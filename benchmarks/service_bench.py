@@ -45,7 +45,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,12 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 from load_test import free_port, percentile, wait_serving
+from processes import guard_command, running
 
 from guard.demo.corpus import SHOWCASE
 from guard.runtime import load_runtime, resolve_model
@@ -397,34 +396,17 @@ def step_counts(metrics_port: int | None) -> tuple[float, float] | None:
     return values["guard_batch_tokens_sum"], values["guard_batch_tokens_count"]
 
 
-@contextlib.contextmanager
-def running(command: list[str], what: str) -> Iterator[subprocess.Popen]:
-    """A server process, always ended: SIGTERM, then wait (SIGKILL if it will not stop)."""
-    print(f"# starting {what}: {' '.join(command)}", file=sys.stderr)
-    process = subprocess.Popen(command, cwd=REPO)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
 def max_sessions(args) -> int:
     return max(max(args.streams), WARMUP[0], args.profile_streams) * 2
 
 
 def sidecar_command(args, address: str, policies: Path, metrics_port: int) -> list[str]:
-    guard = str(Path(sys.executable).with_name("guard"))
-    return [
-        guard, "serve", "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+    return guard_command(
+        "serve", "--model", args.model, "--device", args.device, "--dtype", args.dtype,
         "--address", address, "--metrics-port", str(metrics_port),
-        "--log-level", "WARNING", "--max-sessions", str(max_sessions(args)), "--policies", str(policies),
-    ]  # fmt: skip
+        "--log-level", "WARNING", "--audit-log", "",
+        "--max-sessions", str(max_sessions(args)), "--policies", str(policies),
+    )  # fmt: skip
 
 
 def write_policies(directory: Path, domain: str) -> Path:
@@ -667,8 +649,9 @@ async def main_async(args, work: Workload) -> tuple[dict[str, dict], dict | None
             targets.append(Target("sidecar", address=args.address_sidecar))
         elif "sidecar" in args.only or args.profile:
             address, metrics_port = f"127.0.0.1:{free_port()}", free_port()
-            policies = write_policies(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "policies",
-                                      args.policies_domain)
+            policies = write_policies(
+                Path(stack.enter_context(tempfile.TemporaryDirectory())) / "policies", args.policies_domain
+            )
             sidecar = stack.enter_context(running(sidecar_command(args, address, policies, metrics_port), "sidecar"))
             await wait_up(address, sidecar)
             if "sidecar" in args.only:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import grpc  # noqa: E402
 from load_test import free_port, wait_serving  # noqa: E402
+from processes import guard_command, running  # noqa: E402
 
 from guard.demo.corpus import SHOWCASE  # noqa: E402
 from server.qwen3guard.v1 import guard_pb2 as pb  # noqa: E402
@@ -121,18 +122,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     port, health = free_port(), free_port()
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("guard")), "serve", "--model", "demo", "--judge", "",
+    command = guard_command("serve", "--model", "demo", "--judge", "",
          "--address", f"127.0.0.1:{port}", "--health-port", str(health), "--metrics-port", "0",
-         "--audit-log", "", "--log-level", "WARNING"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
+         "--audit-log", "", "--log-level", "WARNING")  # fmt: skip
+    with running(command, "sidecar", quiet=True) as process:
         asyncio.run(wait_serving(f"127.0.0.1:{health}"))
         result = asyncio.run(soak(args, process, f"127.0.0.1:{port}"))
-    finally:
-        process.terminate()
-        process.wait(60)
     unexpected = {code: n for code, n in result["codes"].items() if code not in EXPECTED}
     print(f"calls by status: {result['codes']}; live sessions after: {result['live_sessions_after']}; "
           f"RSS growth after the first minute: {result['rss_growth_after_warmup_mib']:+.1f} MiB")  # fmt: skip

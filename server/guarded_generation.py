@@ -43,14 +43,21 @@ TOKENIZER_PROBE = "<|im_start|>user\nHello, 世界! 🙂👍🏽  x += 1;\n\tdef
 
 
 class GuardedGenerationService(pb_grpc.GuardedGenerationServicer):
-    def __init__(self, guard: StreamGuardService, upstream: Upstream | None, input_path: str = "auto") -> None:
+    def __init__(
+        self,
+        guard: StreamGuardService,
+        upstream: Upstream | None,
+        input_path: str = "auto",
+        *,
+        front_end: str = "generate",
+    ) -> None:
         if input_path not in INPUT_PATHS:
             raise ValueError(f"upstream input path must be one of {', '.join(INPUT_PATHS)}, got {input_path!r}")
         self.guard = guard  # shares the policies, metrics, release and fail-mode logic of StreamGuard
         self.upstream = upstream
         self._path = None if input_path == "auto" else input_path
         self._path_lock = asyncio.Lock()
-        self.front_end = "generate"  # the audit log's name for this front end (ParScale's instance says so)
+        self.front_end = front_end  # the audit log's name for this front end (ParScale's instance says "parscale")
 
     async def input_path(self, runtime) -> str:
         """ "token_ids" when the upstream tokenizes exactly like the guard, else "text" (cached)."""

@@ -47,8 +47,7 @@ class ParScaleHolder(ModelHolder[ParScaleModel]):
 class ParScaleService(pb_grpc.ParScaleServicer):
     def __init__(self, holder: ParScaleHolder, guard: StreamGuardService) -> None:
         self.holder = holder
-        self.generation = GuardedGenerationService(guard, None)  # its upstream: set on load
-        self.generation.front_end = "parscale"
+        self.generation = GuardedGenerationService(guard, None, front_end="parscale")  # its upstream: set on load
         self.metrics = guard.metrics
 
     def attach(self, model: ParScaleModel) -> None:

@@ -52,11 +52,28 @@ def policy_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(demo_dir, parscale_dir, policy_dir):
+def audit_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("audit") / "audit.jsonl"
+
+
+@pytest.fixture(scope="module")
+def served(demo_dir, parscale_dir, policy_dir, audit_path):
     with running_sidecar(
-        model=str(demo_dir), judge="", policies=str(policy_dir), parscale=str(parscale_dir), parscale_max_tokens=256
-    ) as running:
+        model=str(demo_dir), judge="", policies=str(policy_dir), parscale=str(parscale_dir), parscale_max_tokens=256,
+        audit_log=str(audit_path),
+    ) as running:  # fmt: skip
         yield running
+
+
+async def audit_records(path: Path, request_id: str) -> list[dict]:
+    """The audit records of ``request_id`` once its end record is out (the writer thread batches)."""
+    for _ in range(200):
+        lines = path.read_text().splitlines() if path.exists() else []
+        mine = [r for r in map(json.loads, lines) if r["request_id"] == request_id]
+        if any(r["kind"] == "end" for r in mine):
+            return mine
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no end record for {request_id} in {path}")
 
 
 def engine_of(running):
@@ -101,12 +118,14 @@ def test_info_describes_the_model(served, model):
     assert info.demo and "DEMO" in info.notice and info.vocab_size == 151936
 
 
-async def test_guarded_generation_equals_the_models_greedy_decoding(served, model, guard_tokenizer):
-    responses = await generate(served.address, QUESTIONS[0])
+async def test_guarded_generation_equals_the_models_greedy_decoding(served, model, guard_tokenizer, audit_path):
+    responses = await generate(served.address, QUESTIONS[0], request_id="parscale-greedy")
     start, end = responses[0].start, responses[-1].end
     assert start.upstream == "parscale" and start.input_path == "token_ids"
     assert generated(responses) == reference_greedy(model, prompt_ids(guard_tokenizer, QUESTIONS[0]), 10)
     assert end.finish_reason == "length" and end.generated_tokens == 10 and not end.stopped
+    (record,) = [r for r in await audit_records(audit_path, "parscale-greedy") if r["kind"] == "end"]
+    assert record["front_end"] == "parscale" and record["outcome"] == "completed"  # the audit log names ParScale
 
 
 async def test_concurrent_generations_each_equal_their_own(served, model, guard_tokenizer):
