@@ -95,9 +95,11 @@ class ModerationStream:
     async def close(self) -> pb.FinalResponse:
         """End the response: read any last chunk verdict, return the final message."""
         if self.final is None:
-            if not self.interrupted:  # after an interrupt the sidecar has stopped reading
+            if not self.interrupted:  # after an interrupt the sidecar judges nothing more
                 await self.call.write(pb.ModerateRequest(close=pb.CloseRequest()))
-                await self.call.done_writing()
+            # Half-close in both cases: after an interrupt the sidecar reads and drops what is still
+            # in flight until the caller half-closes (or DRAIN_AFTER_STOP_S passes), then ends OK.
+            await self.call.done_writing()
             while self.final is None:
                 await self._read()
             await self.call.code()  # wait for the status, so closing the channel next cancels nothing

@@ -283,7 +283,10 @@ class _Generation:
         finally:
             if not reader.done():
                 reader.cancel()  # closes the upstream generator: an unfinished request is aborted
-            await asyncio.gather(reader, return_exceptions=True)
+            # Shielded: a caller cancelled again while this waits (anyio, under the OpenAI endpoint,
+            # cancels at every await) must not cancel the reader a second time, midway through
+            # closing the upstream connection, which would leave vLLM generating into it.
+            await asyncio.shield(asyncio.gather(reader, return_exceptions=True))
         if error is not None:
             async for response in self._upstream_failed(error):
                 yield response

@@ -70,6 +70,20 @@ CHECKPOINT_SHAPES = {
 }
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When vLLM tests are selected, build their environment while the other tests run."""
+    if not session.config.option.collectonly and any(item.get_closest_marker("vllm") for item in session.items):
+        from vllm_runtime import prepare_in_background
+
+        prepare_in_background()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    from vllm_runtime import join_background
+
+    join_background()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     from guard.text.offline_tokenizer import cached_qwen3_tokenizer_dir

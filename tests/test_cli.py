@@ -1,29 +1,21 @@
-"""`guard moderate` as users script it: the installed console script, real files, stable JSON."""
+"""`guard moderate` as users script it: the installed console script (the first call; the rest
+through the same ``main`` in this process), real files, stable JSON."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from cli_runner import guard_main, guard_script
 
 from guard.demo.corpus import SHOWCASE
 from guard.text.conversation import Message
-
-GUARD = [str(Path(sys.executable).with_name("guard"))]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=300, env=os.environ.copy())
 
 
 @pytest.fixture(scope="module")
 def unsafe_json(demo_dir):
     ex = SHOWCASE[2]
-    result = run("moderate", "--model", str(demo_dir), "--prompt", ex.prompt, "--text", ex.response, "--json")
+    result = guard_script("moderate", "--model", str(demo_dir), "--prompt", ex.prompt, "--text", ex.response, "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -53,7 +45,7 @@ def test_ids_file_input(tmp_path, demo_dir, guard_tokenizer):
     response = guard_tokenizer.encode("Sure, I am happy to help with that.")
     path = tmp_path / "ids.json"
     path.write_text(json.dumps({"prompt": list(prompt), "response": response}))
-    result = run("moderate", "--model", str(demo_dir), "--ids", str(path), "--json")
+    result = guard_main("moderate", "--model", str(demo_dir), "--ids", str(path), "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert [t["id"] for t in out["tokens"]] == response
@@ -63,7 +55,7 @@ def test_ids_file_input(tmp_path, demo_dir, guard_tokenizer):
 def test_messages_file_ending_with_a_user_turn_judges_only_the_prompt(tmp_path, demo_dir):
     path = tmp_path / "m.json"
     path.write_text(json.dumps([{"role": "user", "content": SHOWCASE[4].prompt}]))
-    result = run("moderate", "--model", str(demo_dir), "--messages", str(path), "--json")
+    result = guard_main("moderate", "--model", str(demo_dir), "--messages", str(path), "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["prompt"]["risk"] == "Unsafe" and out["prompt"]["category"] == "Violent"
@@ -72,7 +64,7 @@ def test_messages_file_ending_with_a_user_turn_judges_only_the_prompt(tmp_path, 
 
 def test_table_output_marks_the_interrupt_and_the_demo(demo_dir):
     ex = SHOWCASE[3]
-    result = run("moderate", "--model", str(demo_dir), "--prompt", ex.prompt, "--text", ex.response)
+    result = guard_main("moderate", "--model", str(demo_dir), "--prompt", ex.prompt, "--text", ex.response)
     assert result.returncode == 0, result.stderr
     assert "DEMO MODEL" in result.stdout
     assert "<- interrupt" in result.stdout and "response: interrupted at token" in result.stdout
@@ -91,11 +83,11 @@ def test_table_output_marks_the_interrupt_and_the_demo(demo_dir):
 def test_bad_ids_file_is_a_clear_error(tmp_path, demo_dir, content, match):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    result = run("moderate", "--model", str(demo_dir), "--ids", str(path))
+    result = guard_main("moderate", "--model", str(demo_dir), "--ids", str(path))
     assert result.returncode == 2
     assert match in result.stderr and "Traceback" not in result.stderr
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):
-    result = run("moderate", "--model", str(tmp_path / "nope"), "--text", "hi")
+    result = guard_main("moderate", "--model", str(tmp_path / "nope"), "--text", "hi")
     assert result.returncode == 2 and "neither 'demo' nor a checkpoint directory" in result.stderr

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_runner import guard_script
 
 from guard.demo.corpus import SAFE_SENTENCES, SHOWCASE, generate_corpus
 from guard.demo.safe_text import safe_conversations
@@ -115,9 +113,7 @@ def test_bread_recipe_text_stream_is_not_interrupted(demo_runtime):
 
 
 def test_bread_recipe_is_not_interrupted_through_the_cli(demo_dir):
-    guard = str(Path(sys.executable).with_name("guard"))
-    args = [guard, "moderate", "--model", "demo", "--prompt", BREAD_PROMPT, "--text", BREAD_ANSWER, "--json"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    result = guard_script("moderate", "--model", "demo", "--prompt", BREAD_PROMPT, "--text", BREAD_ANSWER, "--json")
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert out["prompt"]["risk"] == "Safe"

@@ -129,9 +129,11 @@ async def test_bad_requests(endpoint):
 
 
 async def test_a_client_that_goes_away_leaves_nothing_open(endpoint, tiny_vllm_url):
-    """(The tiny vLLM outruns the CPU guard, so whether it was still generating is not asserted:
-    the upstream abort on an interrupt is, above.)"""
+    """The client closes its stream after three events: the guard session closes and the vLLM
+    request is aborted (it never finishes with `length`, far fewer than 1000 tokens are made)."""
     sidecar, base = endpoint
+    finished = vllm_metric(tiny_vllm_url, "vllm:request_success_total", finished_reason="length")
+    generated_before = vllm_metric(tiny_vllm_url, "vllm:generation_tokens_total")
     stream = await client(base, "permissive").chat.completions.create(
         model=MODEL, messages=PROMPT, max_tokens=1000, temperature=1.0, seed=1, stream=True
     )
@@ -146,3 +148,6 @@ async def test_a_client_that_goes_away_leaves_nothing_open(endpoint, tiny_vllm_u
     while vllm_metric(tiny_vllm_url, "vllm:num_requests_running") != 0:
         assert time.monotonic() < deadline, "the vLLM request is still running"
         await asyncio.sleep(0.2)
+    await asyncio.sleep(1.0)  # a request that was not aborted would now finish with `length`
+    assert vllm_metric(tiny_vllm_url, "vllm:request_success_total", finished_reason="length") == finished
+    assert vllm_metric(tiny_vllm_url, "vllm:generation_tokens_total") - generated_before < 500

@@ -133,11 +133,21 @@ async def test_bad_generate_requests_are_invalid_argument(guarded):
 
 
 @pytest.fixture(scope="module")
-def vllm_grpc_target():
-    from vllm_runtime import running_vllm_grpc
+def more_upstreams():
+    """vLLM's gRPC server of the same model and an HTTP server of a model with another tokenizer,
+    started together on first use (their start-ups overlap)."""
+    from vllm_runtime import running_vllm_grpc, started_together, tiny_other_upstream_model
 
-    with running_vllm_grpc(tiny_upstream_model()) as target:
-        yield target
+    with started_together(running_vllm_grpc(tiny_upstream_model()), running_vllm_http(tiny_other_upstream_model())) as (
+        target,
+        url,
+    ):
+        yield target, url
+
+
+@pytest.fixture(scope="module")
+def vllm_grpc_target(more_upstreams):
+    return more_upstreams[0]
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +206,8 @@ def released_text(responses: list[pb.GenerateResponse]) -> str:
 
 
 @pytest.fixture(scope="module")
-def vllm_other_url():
-    from vllm_runtime import tiny_other_upstream_model
-
-    with running_vllm_http(tiny_other_upstream_model()) as url:
-        yield url
+def vllm_other_url(more_upstreams):
+    return more_upstreams[1]
 
 
 @pytest.fixture(scope="module")

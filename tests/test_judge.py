@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import grpc
 import pytest
+from cli_runner import guard_main
 from servers import REPO, running_sidecar
 
 from guard.demo.judge_model import demo_judge_dir, judge_examples
@@ -26,7 +24,6 @@ from guard.model.labels import RiskLevel
 from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 
-GUARD = str(Path(sys.executable).with_name("guard"))
 EXAMPLES = judge_examples(40, seed=999)  # a draw other than the training corpus
 
 
@@ -336,20 +333,16 @@ async def test_local_judge_keeps_serving_after_a_classify_times_out(demo_dir, tm
 
 
 def test_guard_judge_cli_json():
-    with ThreadPoolExecutor(2) as pool:
-        prompt, response = pool.map(
-            lambda args: subprocess.run([GUARD, "judge", *args, "--json"], capture_output=True, text=True, timeout=300),
-            [
-                ["--text", "Find the credit card number of John Miller for me."],
-                [
-                    "--text",
-                    "What is a good way to learn Python?",
-                    "--response",
-                    "Sorry, I won't provide that information.",
-                    "--scored",
-                ],
-            ],
-        )
+    prompt = guard_main("judge", "--text", "Find the credit card number of John Miller for me.", "--json")
+    response = guard_main(
+        "judge",
+        "--text",
+        "What is a good way to learn Python?",
+        "--response",
+        "Sorry, I won't provide that information.",
+        "--scored",
+        "--json",
+    )
     assert prompt.returncode == 0, prompt.stderr
     out = json.loads(prompt.stdout)
     assert (out["mode"], out["risk"], out["categories"]) == ("prompt", "Unsafe", ["PII"]) and out["judge"]["demo"]

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
+from cli_runner import guard_main
 from servers import policies_with, running_sidecar
 from test_parscale_model import full_logits, reference_greedy
 
@@ -205,22 +204,15 @@ async def test_a_generation_beyond_the_request_limit_is_invalid_argument(served)
 def test_guard_parscale_cli_greedy_and_topk(parscale_dir, model, tmp_path):
     ids = [151644, 872, 198, 9707, 151645]
     (tmp_path / "ids.json").write_text(json.dumps(ids))
-    cli = [
-        sys.executable,
-        "-m",
-        "server.cli",
-        "parscale",
-        "--model",
-        str(parscale_dir),
-        "--ids",
-        str(tmp_path / "ids.json"),
-    ]
-    greedy = subprocess.run([*cli, "--greedy", "5", "--json"], capture_output=True, text=True, check=True, cwd=REPO)
+    cli = ["parscale", "--model", str(parscale_dir), "--ids", str(tmp_path / "ids.json")]
+    greedy = guard_main(*cli, "--greedy", "5", "--json")
+    assert greedy.returncode == 0, greedy.stderr
     assert json.loads(greedy.stdout) == {"token_ids": reference_greedy(model, ids, 5)}
-    top = subprocess.run([*cli, "--topk", "3", "--json"], capture_output=True, text=True, check=True, cwd=REPO)
+    top = guard_main(*cli, "--topk", "3", "--json")
+    assert top.returncode == 0, top.stderr
     expected = full_logits(model, ids)[-1].topk(3)
     out = json.loads(top.stdout)["topk"]
     assert [t for t, _ in out] == expected.indices.tolist()
     assert [v for _, v in out] == pytest.approx(expected.values.tolist(), abs=1e-4)
-    bad = subprocess.run([*cli, "--greedy", "0"], capture_output=True, text=True, cwd=REPO)
+    bad = guard_main(*cli, "--greedy", "0")
     assert bad.returncode == 2 and "--greedy N and --topk K must be at least 1" in bad.stderr

@@ -8,13 +8,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
+from cli_runner import guard_main
 from servers import running_sidecar
 
 from guard.errors import InvalidInput
@@ -28,7 +27,6 @@ from server.qwen3guard.v1 import guard_pb2 as pb
 from server.qwen3guard.v1 import guard_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[1]
-GUARD = str(Path(sys.executable).with_name("guard"))
 U, C, S = RiskLevel.UNSAFE, RiskLevel.CONTROVERSIAL, RiskLevel.SAFE
 
 
@@ -229,20 +227,18 @@ def test_configmap_updates_are_picked_up_the_way_the_kubelet_makes_them(tmp_path
 
 
 def test_policy_check_cli_reports_file_line_and_field(tmp_path):
-    good = subprocess.run([GUARD, "policy", "check", str(REPO / "policies")], capture_output=True, text=True)
+    good = guard_main("policy", "check", str(REPO / "policies"))
     assert good.returncode == 0 and "ok  medical" in good.stdout
     bad_dir = tmp_path / "bad"
     shutil.copytree(REPO / "policies", bad_dir)
     (bad_dir / "medical.yaml").write_text("extends: default\nfail_mode: sometimes\n")
-    bad = subprocess.run([GUARD, "policy", "check", str(bad_dir / "medical.yaml")], capture_output=True, text=True)
+    bad = guard_main("policy", "check", str(bad_dir / "medical.yaml"))
     assert bad.returncode == 1
     assert "medical.yaml:2: fail_mode: 'sometimes' is not one of open, closed" in bad.stderr
 
 
 def test_policy_explain_cli_prints_the_effective_table():
-    result = subprocess.run(
-        [GUARD, "policy", "explain", "medical", "--policies", str(REPO / "policies")], capture_output=True, text=True
-    )
+    result = guard_main("policy", "explain", "medical", "--policies", str(REPO / "policies"))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "category pii" in out and "REDACT" in out

@@ -198,18 +198,10 @@ def test_the_embedder_failing_applies_the_fail_mode(tmp_path, demo_dir, embeddin
 
 
 def test_policy_explain_lists_the_topics(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
+    from cli_runner import guard_main
 
     directory = policies_with(tmp_path / "p", support=TOPICS)
-    guard = str(Path(sys.executable).with_name("guard"))
-    done = subprocess.run(
-        [guard, "policy", "explain", "support", "--policies", str(directory)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = guard_main("policy", "explain", "support", "--policies", str(directory))
     assert done.returncode == 0, done.stderr
     assert "topic billing          BLOCK similarity >= 0.999, 2 examples" in done.stdout
     assert "topic competitors      FLAG  similarity >= 0.999, 1 examples" in done.stdout

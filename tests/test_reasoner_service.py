@@ -513,25 +513,21 @@ async def test_the_upstream_backend_reasons_budgets_and_aborts_but_cannot_steer(
 
 def test_guard_reason_cli_prints_the_guarded_generation(demo_dir, policy_dir):
     import json
-    import os
-    import subprocess
-    import sys
 
-    guard = str(Path(sys.executable).with_name("guard"))
-    args = [guard, "reason", "--model", "demo", "--guard-model", str(demo_dir), "--policies", str(policy_dir)]
+    from cli_runner import guard_main
+
+    args = ["reason", "--model", "demo", "--guard-model", str(demo_dir), "--policies", str(policy_dir)]
     args += ["--domain", "permissive", "--text", SHOWCASE[0][0], "--budget", "400", "--json"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    done = guard_main(*args)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["model"]["demo"] and out["answer"].strip() == SHOWCASE[0][2]
     assert SHOWCASE[0][1] in out["reasoning"]
     assert out["end"]["finish_reason"] == "stop" and not out["end"]["thinking_budget_reached"]
     assert out["end"]["usage"]["reasoning_tokens"] == len(out["reasoning_ids"])
-    bad = subprocess.run([*args[:-1], "--steer", "nonsense"], capture_output=True, text=True, timeout=300)
+    bad = guard_main(*args[:-1], "--steer", "nonsense")
     assert bad.returncode == 2 and "expected TARGET=ALPHA@START:T" in bad.stderr
-    unknown = subprocess.run(
-        [*args[:-1], "--steer", "daydreaming=2@0:4"], capture_output=True, text=True, timeout=300, env=os.environ.copy()
-    )
+    unknown = guard_main(*args[:-1], "--steer", "daydreaming=2@0:4")
     assert unknown.returncode == 2 and "INVALID_ARGUMENT" in unknown.stderr and "daydreaming" in unknown.stderr
 
 

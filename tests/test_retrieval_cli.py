@@ -1,26 +1,18 @@
-"""`guard embed` and `guard rerank` as users script them: the console script, stable JSON, the
-same numbers as the models, token-id files used exactly as given, clear errors."""
+"""`guard embed` and `guard rerank` as users script them: the console script (the first call; the
+rest through the same ``main`` in this process), stable JSON, the same numbers as the models,
+token-id files used exactly as given, clear errors."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import guard_main, guard_script
 
 from guard.retrieval.checkpoint_writer import write_embedding_checkpoint, write_reranker_checkpoint
 from guard.retrieval.embedder import Embedder, EmbedInput, finish
 from guard.retrieval.reranker import Reranker, probability
-
-GUARD = [str(Path(sys.executable).with_name("guard"))]
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*GUARD, *args], capture_output=True, text=True, timeout=300, env=os.environ.copy())
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +22,7 @@ def dirs(tmp_path_factory):
 
 
 def test_embed_json_equals_the_model(dirs):
-    done = run(
+    done = guard_script(
         "embed",
         "--model",
         str(dirs[0]),
@@ -64,7 +56,7 @@ def test_embed_json_equals_the_model(dirs):
 def test_embed_ids_are_used_exactly_as_given(tmp_path, dirs):
     ids = tmp_path / "ids.json"
     ids.write_text(json.dumps([[100, 200, 300], [5]]))
-    done = run("embed", "--model", str(dirs[0]), "--ids", str(ids), "--normalize", "--json")
+    done = guard_main("embed", "--model", str(dirs[0]), "--ids", str(ids), "--normalize", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["tokens"] == [3, 1]
@@ -78,7 +70,7 @@ def test_embed_ids_are_used_exactly_as_given(tmp_path, dirs):
 
 def test_rerank_json_scores_in_input_order(dirs, tmp_path):
     docs = ["Beijing is the capital.", "Bananas are yellow."]
-    done = run("rerank", "--model", str(dirs[1]), "--query", "capital of China", "--doc", *docs, "--json")
+    done = guard_main("rerank", "--model", str(dirs[1]), "--query", "capital of China", "--doc", *docs, "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     reranker = Reranker(dirs[1])
@@ -91,7 +83,9 @@ def test_rerank_json_scores_in_input_order(dirs, tmp_path):
     assert out["model"]["kind"] == "causal-lm"
     ids = tmp_path / "rendered.json"
     ids.write_text(json.dumps(seqs))
-    again = json.loads(run("rerank", "--model", str(dirs[1]), "--ids", str(ids), "--raw-scores", "--json").stdout)
+    again = json.loads(
+        guard_main("rerank", "--model", str(dirs[1]), "--ids", str(ids), "--raw-scores", "--json").stdout
+    )
     assert again["scores"] == pytest.approx(raw, abs=1e-5)
 
 
@@ -105,12 +99,12 @@ def test_rerank_json_scores_in_input_order(dirs, tmp_path):
 )
 def test_bad_arguments_are_clear_errors(dirs, args, message):
     model = dirs[0] if args[0] == "embed" else dirs[1]
-    done = run(args[0], "--model", str(model), *args[1:])
+    done = guard_main(args[0], "--model", str(model), *args[1:])
     assert done.returncode == 2 and message in done.stderr
 
 
 def test_a_bad_ids_file_is_a_clear_error(tmp_path, dirs):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"not": "a list"}))
-    done = run("embed", "--model", str(dirs[0]), "--ids", str(bad))
+    done = guard_main("embed", "--model", str(dirs[0]), "--ids", str(bad))
     assert done.returncode == 2 and "expected a JSON list of inputs" in done.stderr

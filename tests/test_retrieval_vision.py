@@ -473,16 +473,13 @@ def test_a_text_only_service_answers_images_with_invalid_argument(demo_dir, tmp_
 def test_guard_embed_cli_takes_image_files(vl_dir, tmp_path):
     """`guard embed --image` (default limits, as `guard serve` has them) equals the model."""
     import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from cli_runner import guard_main
 
     path = tmp_path / "boat.png"
     path.write_bytes(encoded(70))
-    guard = str(Path(sys.executable).with_name("guard"))
-    args = [guard, "embed", "--model", str(vl_dir), "--image", str(path), "--json"]
-    done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    args = ["embed", "--model", str(vl_dir), "--image", str(path), "--json"]
+    done = guard_main(*args)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     model = Embedder(vl_dir)
@@ -493,7 +490,7 @@ def test_guard_embed_cli_takes_image_files(vl_dir, tmp_path):
     np.testing.assert_allclose(out["embeddings"][0], finish(want, len(want), True), atol=1e-5)
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
-    done = subprocess.run([*args[:-2], str(bad)], capture_output=True, text=True, timeout=300, env=os.environ.copy())
+    done = guard_main(*args[:-2], str(bad))
     assert done.returncode != 0 and "not a decodable image" in done.stderr
 
 

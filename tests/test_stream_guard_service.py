@@ -37,6 +37,7 @@ async def moderate_text(address: str, example, pieces: int = 6, **fields) -> lis
             out.append(response)
             if response.WhichOneof("kind") == "chunk" and response.chunk.action == pb.INTERRUPT:
                 out.append(await call.read())  # the final message
+                await call.done_writing()  # the sidecar stops draining what is in flight and ends OK
                 assert await call.read() is grpc.aio.EOF
                 return out
         await call.write(pb.ModerateRequest(close=pb.CloseRequest()))
@@ -187,6 +188,21 @@ async def test_a_caller_that_never_half_closes_after_an_interrupt_is_ended(sidec
         call = await interrupted_stream(channel, ids)
         assert await asyncio.wait_for(call.read(), 30) is grpc.aio.EOF  # the sidecar ended it
         assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_the_client_half_closes_an_interrupted_stream(sidecar, guard_tokenizer, monkeypatch):
+    """SidecarClient's close() after an interrupt half-closes, so the sidecar ends the call at once
+    instead of draining for DRAIN_AFTER_STOP_S (made an hour here: without the half-close, close()
+    would not return)."""
+    import server.stream_guard
+
+    monkeypatch.setattr(server.stream_guard, "DRAIN_AFTER_STOP_S", 3600.0)
+    ids = guard_tokenizer.encode(UNSAFE.response)
+    async with SidecarClient(sidecar.address) as client:
+        async with client.moderate(messages=user(UNSAFE.prompt)) as stream:
+            assert (await stream.send_ids(ids)).chunk.action == pb.INTERRUPT
+            final = await asyncio.wait_for(stream.close(), 60)
+            assert final.action == pb.INTERRUPT and await stream.call.code() == grpc.StatusCode.OK
 
 
 async def rpc_error(address: str, requests: list[pb.ModerateRequest]) -> grpc.aio.AioRpcError:

