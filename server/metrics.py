@@ -209,7 +209,8 @@ class Metrics:
         self.gateway_requests = Counter(
             "guard_gateway_requests_total",
             "Requests through a gateway front end (ext_proc, openai) by how they ended: passed, blocked, "
-            "interrupted, redacted, rejected (bad request), failed_open, failed_closed, error.",
+            "interrupted, redacted, rejected (bad request), failed_open, failed_closed, client_gone (the "
+            "caller hung up; the generation was cancelled), error.",
             ("gateway", "outcome"),
             registry=r,
         )

@@ -192,8 +192,33 @@ class OpenAIEndpoint:
         return bytes(body)
 
     async def _complete(self, http: Request, kind: str) -> Response:
+        """The body read, the answer is made while watching the connection: a caller that hangs up
+        before its response starts (a whole answer, or a stream before its first event) cancels
+        the generation and with it the upstream request, as vLLM's own server does. Once a stream
+        has started, Starlette cancels it on the disconnect."""
         try:
-            parsed = wire.parse_request(kind, await self._body(http))
+            body = await self._body(http)
+        except wire.GatewayError:
+            self._count("rejected")
+            raise
+        answer = asyncio.ensure_future(self._answer(http, kind, body))
+        hang_up = asyncio.ensure_future(_disconnected(http))
+        try:
+            await asyncio.wait({answer, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (hang_up, answer):
+                if not task.done():
+                    task.cancel()
+            await asyncio.shield(asyncio.gather(hang_up, answer, return_exceptions=True))
+        if answer.cancelled():
+            self._count("client_gone")
+            log.info("event=openai_client_gone")
+            return Response(status_code=499)  # nobody reads it: the connection is closed
+        return answer.result()
+
+    async def _answer(self, http: Request, kind: str, body: bytes) -> Response:
+        try:
+            parsed = wire.parse_request(kind, body)
             unsupported = sorted(set(UNSUPPORTED) & parsed.fields)
             if unsupported:
                 raise wire.GatewayError(400, f"`{unsupported[0]}` is not supported by the guarded endpoint "
@@ -292,6 +317,9 @@ class OpenAIEndpoint:
                         if parsed.include_usage:
                             yield self._sse({**base, "choices": [], "usage": self._usage(parsed, end)})
             yield DONE
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: the generation is closed
+            outcome = "client_gone"
+            raise
         except Exception as exc:  # headers are out: the error goes as an event, as OpenAI does
             error = self._error(exc)
             outcome = ""
@@ -350,6 +378,12 @@ class OpenAIEndpoint:
     @staticmethod
     def _sse(obj: dict) -> bytes:
         return encode(wire.dumps(obj))
+
+
+async def _disconnected(http: Request) -> None:
+    """Returns when the client has gone (ASGI ``http.disconnect``; the body is already read)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _chain(first: pb.GenerateResponse, rest: AsyncIterator[pb.GenerateResponse]):
