@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from servers import ANY_OUTPUT_DOMAINS, policies_with, running_sidecar
-from vllm_runtime import free_port, vllm_metric
+from vllm_runtime import VllmCounts, free_port, vllm_metric
 
 pytestmark = pytest.mark.vllm
 
@@ -38,18 +38,6 @@ def client(base: str, domain: str = "") -> openai.AsyncOpenAI:
 
 def gateway_outcomes(sidecar, outcome: str) -> float:
     return sidecar.sidecar.metrics.gateway_requests.labels("openai", outcome)._value.get()
-
-
-async def vllm_aborted(url: str, finished: float, generated_before: float) -> None:
-    """The vLLM request stopped early: nothing runs, it never finished with `length` (1000 tokens
-    were asked for), and far fewer than 1000 tokens were made."""
-    deadline = time.monotonic() + 30
-    while vllm_metric(url, "vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "the vLLM request is still running"
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(1.0)  # a request that was not aborted would now finish with `length`
-    assert vllm_metric(url, "vllm:request_success_total", finished_reason="length") == finished
-    assert vllm_metric(url, "vllm:generation_tokens_total") - generated_before < 500
 
 
 def no_open_sessions(sidecar) -> None:
@@ -91,8 +79,7 @@ async def test_safe_text_equals_a_direct_call(endpoint, tiny_vllm_url, stream):
 
 async def test_an_unsafe_answer_is_cut_and_vllm_stops(endpoint, tiny_vllm_url):
     sidecar, base = endpoint
-    finished = vllm_metric(tiny_vllm_url, "vllm:request_success_total", finished_reason="length")
-    generated_before = vllm_metric(tiny_vllm_url, "vllm:generation_tokens_total")
+    counts = VllmCounts(tiny_vllm_url)
     stream = await client(base, "always_interrupt").chat.completions.create(
         model=MODEL, messages=PROMPT, max_tokens=1000, temperature=0, stream=True
     )
@@ -102,13 +89,7 @@ async def test_an_unsafe_answer_is_cut_and_vllm_stops(endpoint, tiny_vllm_url):
     guard = last.model_extra["guard"]
     assert guard["action"] == "INTERRUPT" and guard["offset"] == 1 and guard["released_tokens"] == 0
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ""
-    deadline = time.monotonic() + 30
-    while vllm_metric(tiny_vllm_url, "vllm:num_requests_running") != 0:
-        assert time.monotonic() < deadline, "the vLLM request is still running"
-        await asyncio.sleep(0.2)
-    await asyncio.sleep(1.0)
-    assert vllm_metric(tiny_vllm_url, "vllm:request_success_total", finished_reason="length") == finished
-    assert vllm_metric(tiny_vllm_url, "vllm:generation_tokens_total") - generated_before < 500
+    await counts.assert_aborted()
     no_open_sessions(sidecar)
 
 
@@ -148,8 +129,7 @@ async def test_a_client_that_goes_away_leaves_nothing_open(endpoint, tiny_vllm_u
     """The client closes its stream after three events: the guard session closes, the vLLM
     request is aborted, and the request counts as `client_gone`, not as an error."""
     sidecar, base = endpoint
-    finished = vllm_metric(tiny_vllm_url, "vllm:request_success_total", finished_reason="length")
-    generated_before = vllm_metric(tiny_vllm_url, "vllm:generation_tokens_total")
+    counts = VllmCounts(tiny_vllm_url)
     gone, errors = gateway_outcomes(sidecar, "client_gone"), gateway_outcomes(sidecar, "error")
     stream = await client(base, "permissive").chat.completions.create(
         model=MODEL, messages=PROMPT, max_tokens=1000, temperature=1.0, seed=1, stream=True
@@ -161,7 +141,7 @@ async def test_a_client_that_goes_away_leaves_nothing_open(endpoint, tiny_vllm_u
             break
     await stream.close()
     no_open_sessions(sidecar)
-    await vllm_aborted(tiny_vllm_url, finished, generated_before)
+    await counts.assert_aborted()
     assert gateway_outcomes(sidecar, "client_gone") == gone + 1 and gateway_outcomes(sidecar, "error") == errors
 
 
@@ -169,15 +149,14 @@ async def test_a_client_that_hangs_up_on_a_whole_answer_cancels_it(endpoint, tin
     """A non-streaming caller that hangs up before its answer (here: its read timeout) cancels the
     generation: no session is left and the vLLM request is aborted."""
     sidecar, base = endpoint
-    finished = vllm_metric(tiny_vllm_url, "vllm:request_success_total", finished_reason="length")
-    generated_before = vllm_metric(tiny_vllm_url, "vllm:generation_tokens_total")
+    counts = VllmCounts(tiny_vllm_url)
     gone = gateway_outcomes(sidecar, "client_gone")
     body = {"model": MODEL, "messages": PROMPT, "max_tokens": 1000, "temperature": 1.0, "seed": 1}
     async with httpx.AsyncClient(timeout=httpx.Timeout(60, read=1.0)) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post(base + "/v1/chat/completions", json=body, headers={"x-guard-domain": "permissive"})
     no_open_sessions(sidecar)
-    await vllm_aborted(tiny_vllm_url, finished, generated_before)
+    await counts.assert_aborted()
     deadline = time.monotonic() + 10
     while gateway_outcomes(sidecar, "client_gone") != gone + 1:
         assert time.monotonic() < deadline, "the hang-up was not counted"

@@ -358,3 +358,28 @@ def vllm_metric(url: str, name: str, **labels: str) -> float:
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+class VllmCounts:
+    """vLLM's request and token counters before a request, to show afterwards that it was aborted."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.finished = vllm_metric(url, "vllm:request_success_total", finished_reason="length")
+        self.generated = vllm_metric(url, "vllm:generation_tokens_total")
+
+    async def assert_aborted(self, max_generated: int = 500) -> float:
+        """The request asked for far more tokens than ``max_generated`` stopped early: nothing
+        runs, none finished with `length`, fewer than ``max_generated`` tokens were made.
+        Returns how many were."""
+        import asyncio
+
+        deadline = time.monotonic() + 30
+        while vllm_metric(self.url, "vllm:num_requests_running") != 0:
+            assert time.monotonic() < deadline, "the vLLM request is still running"
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)  # a request that was not aborted would now finish with `length`
+        assert vllm_metric(self.url, "vllm:request_success_total", finished_reason="length") == self.finished
+        generated = vllm_metric(self.url, "vllm:generation_tokens_total") - self.generated
+        assert generated < max_generated
+        return generated
