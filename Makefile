@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export GUARD_CACHE_DIR ?= $(CURDIR)/.cache
 
-.PHONY: install serve demo eval test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale bench-gateway bench-security soak profile-service load-test deploy-policies deploy-render clean
+.PHONY: install serve demo eval test lint proto bench bench-0.6b bench-service bench-retrieval bench-reasoner bench-parscale bench-gateway bench-security bench-open soak profile-service load-test deploy-policies deploy-render clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -85,6 +85,10 @@ bench-gateway: install
 ## Per-chunk latency at 16 streams: plaintext vs TLS vs mTLS + tenants (API keys, limits).
 bench-security: install
 	$(BIN)/python benchmarks/security_bench.py --json benchmarks/results/security-cpu.json
+
+## One stream's Moderate open (the prompt check) with the idle KV cache kept vs given back.
+bench-open: install
+	$(BIN)/python benchmarks/open_bench.py --json benchmarks/results/open-cpu.json
 
 ## 10 minutes of mixed, misbehaving load: RSS and live sessions over time (nothing may accumulate).
 soak: install

@@ -38,6 +38,7 @@ class ServeSettings:
     max_batch_wait_ms: float = 2.0  # a forward pass waits this long at most for the previous one's sessions
     min_parallel_tokens: int = 256  # smaller forward passes run on one torch thread (the loop keeps a core)
     max_kv_cache_mb: int = 0  # 0 = no byte budget beyond the session/token limits
+    kv_cache_release_idle: bool = False  # idle: give the whole KV cache back (default: keep the first allocation)
     judge: str = "demo"  # Generative judge checkpoint directory, 'demo', or '' for none
     judge_endpoint: str = ""  # or an OpenAI-compatible endpoint (e.g. vLLM serving Qwen3Guard-Gen)
     judge_model: str = ""  # model name at the endpoint; empty = the first one it lists
@@ -209,6 +210,7 @@ class ServeSettings:
             max_batch_wait_ms=self.max_batch_wait_ms,
             min_parallel_tokens=self.min_parallel_tokens,
             max_kv_cache_bytes=self.max_kv_cache_mb * 2**20 or None,
+            release_idle_kv_cache=self.kv_cache_release_idle,
         )
 
     def retrieval_limits(self, service: str) -> BatchLimits:

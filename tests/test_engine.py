@@ -196,6 +196,28 @@ def test_close_fails_pending_work_and_releases_the_cache(engine):
     assert engine.kv_cache_bytes == 0
 
 
+@pytest.mark.parametrize("release_idle", [False, True])
+def test_an_idle_engine_keeps_only_its_first_cache_allocation(guard, release_idle):
+    """Sessions long enough to grow the pool, all closed: what grew is given back; the first
+    allocation stays for the next session (or nothing stays with release_idle_kv_cache)."""
+    engine = StreamEngine(guard, EngineLimits(max_tokens_per_session=1024, release_idle_kv_cache=release_idle))
+    try:
+        rng = random.Random(3)
+        sessions = [engine.open_session(random_ids(rng, 300))[0] for _ in range(6)]
+        for session in sessions:
+            engine.submit(session, random_ids(rng, 8)).result(timeout=60)
+        grown = engine.kv_cache_bytes
+        for session in sessions:
+            engine.close(session, "done")
+        engine.barrier().result(timeout=30)
+        assert engine.live_sessions == 0 and engine.cache.live == 0
+        assert grown > engine.cache.idle_bytes
+        assert engine.kv_cache_bytes == engine.cache.idle_bytes
+        assert (engine.kv_cache_bytes == 0) is release_idle
+    finally:
+        engine.shutdown()
+
+
 def test_idle_sessions_expire(guard):
     engine = StreamEngine(guard, EngineLimits(idle_timeout_s=0.2))
     try:

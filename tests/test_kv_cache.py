@@ -44,17 +44,31 @@ def test_batched_step_over_non_contiguous_slots_equals_single_rows(tiny_checkpoi
         torch.testing.assert_close(batched[s], single[s], atol=1e-5, rtol=1e-5)
 
 
-def test_pool_grows_and_is_released_when_the_last_slot_closes():
+@pytest.mark.parametrize("keep_idle", [True, False])
+def test_pool_grows_and_gives_back_what_grew_when_the_last_slot_closes(keep_idle):
+    """Idle, the pool keeps only its first allocation (keep_idle), or nothing; the next session
+    then takes slot 0 without allocating (keep_idle)."""
     pool = KVCachePool(
-        2, 1, 8, max_slots=64, max_tokens=4096, dtype=torch.float32, device=CPU, initial_slots=2, initial_tokens=16
-    )
+        2, 1, 8, max_slots=64, max_tokens=4096, dtype=torch.float32, device=CPU, initial_slots=2, initial_tokens=16,
+        keep_idle=keep_idle,
+    )  # fmt: skip
+    first = pool.allocate()
+    first_storage = pool.k[0]
+    pool.free(first)
+    assert pool.nbytes() == pool.idle_bytes == (pool.bytes_for(2, 16) if keep_idle else 0)
     slots = [pool.allocate() for _ in range(5)]
     pool.reserve_tokens(100)
     assert pool.slot_capacity >= 5 and pool.token_capacity == 128
     for s in slots:
         pool.free(s)
-    assert pool.nbytes() == 0 and pool.live == 0
-    assert pool.allocate() == 0
+    assert pool.nbytes() == pool.idle_bytes and pool.live == 0
+    if keep_idle:
+        assert (pool.slot_capacity, pool.token_capacity) == (2, 16)
+        kept = pool.k[0]
+        assert pool.allocate() == 0 and pool.k[0] is kept  # no new storage on the way in
+        assert pool.nbytes() == pool.idle_bytes
+    else:
+        assert pool.allocate() == 0 and pool.k[0] is not first_storage
 
 
 def test_lowest_free_slot_is_reused_first():

@@ -212,7 +212,8 @@ async def test_batched_requests_equal_each_alone_and_share_forward_passes(p4):
         together = await asyncio.gather(*(greedy(engine, prompt, 6) for prompt in prompts))
         assert engine.stats.rows / engine.stats.steps > 1.5  # requests shared forward passes
         assert together == [reference_greedy(p4, prompt, 6) for prompt in prompts]
-        assert engine.live == 0 and engine.pool.live == 0 and engine.pool.nbytes() == 0  # all freed
+        assert engine.live == 0 and engine.pool.live == 0  # all freed; the pool keeps only its first allocation
+        assert engine.pool.nbytes() <= engine.pool.idle_bytes
     finally:
         engine.close()
 

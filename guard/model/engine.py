@@ -57,6 +57,9 @@ class EngineLimits:
     max_step_tokens: int = 2048  # tokens in one forward pass, all sessions together
     max_row_tokens: int = 512  # tokens of one session in one step (chunked prefill)
     max_kv_cache_bytes: int | None = None  # cap on the pooled KV cache; None = bounded by the limits above
+    # Idle, the pool keeps its first allocation so the next session does not allocate on its way in;
+    # True gives every byte back instead (a memory-tight CPU host).
+    release_idle_kv_cache: bool = False
     # A step waits at most this long for the sessions of the previous step to come back, so they
     # share one forward pass instead of trickling into several (0: start as soon as any is ready).
     max_batch_wait_ms: float = 2.0
@@ -187,6 +190,7 @@ class StreamEngine:
             max_slots=self.limits.max_sessions,
             max_tokens=self.limits.max_tokens_per_session,
             max_bytes=self.limits.max_kv_cache_bytes,
+            keep_idle=not self.limits.release_idle_kv_cache,
         )
         self._on_step = on_step
         self._lock = threading.Lock()

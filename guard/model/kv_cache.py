@@ -105,6 +105,11 @@ class KVCachePool:
     Growth replaces one layer's K (or V) tensor at a time, so while it copies the pool holds the
     new storage plus one old tensor, not old and new in full: at most
     ``bytes_for(new) + nbytes() / (2 * layers)``. That peak is what the budget is checked against.
+
+    When the last session leaves, what grew beyond the first allocation (``initial_slots x
+    initial_tokens``) is given back; the first allocation is kept (``keep_idle``), so the next
+    session after a quiet spell does not allocate on its way in (one stream's open p90 went from
+    6.6 to 3.6 ms, benchmarks/README.md). ``keep_idle=False`` gives everything back.
     """
 
     def __init__(
@@ -120,6 +125,7 @@ class KVCachePool:
         max_bytes: int | None = None,
         initial_slots: int = 4,
         initial_tokens: int = 256,
+        keep_idle: bool = True,
     ) -> None:
         self.shape_tail = (num_kv_heads, head_dim)
         self.num_layers = num_layers
@@ -129,6 +135,7 @@ class KVCachePool:
         self.dtype = dtype
         self.device = device
         self._initial = (min(initial_slots, max_slots), min(initial_tokens, max_tokens))
+        self.keep_idle = keep_idle
         self._free: list[int] = []
         self._next_slot = 0
         self.live = 0
@@ -154,6 +161,11 @@ class KVCachePool:
 
     def nbytes(self) -> int:
         return self._held
+
+    @property
+    def idle_bytes(self) -> int:
+        """The most the pool keeps with no session: its first allocation, or 0 without keep_idle."""
+        return self.bytes_for(*self._initial) if self.keep_idle else 0
 
     def bytes_for(self, slots: int, tokens: int) -> int:
         return slots * tokens * self._bytes_per_position()
@@ -233,9 +245,14 @@ class KVCachePool:
     def free(self, slot: int) -> None:
         heapq.heappush(self._free, slot)
         self.live -= 1
-        if self.live == 0:  # idle: give the memory back
+        if self.live == 0:  # idle: give back what grew (or everything, without keep_idle)
             self._free.clear()
             self._next_slot = 0
+            if self.keep_idle:
+                slots, tokens = min(self._slots, self._initial[0]), min(self._tokens, self._initial[1])
+                if (slots, tokens) != (self._slots, self._tokens):
+                    self._replace_storage(slots, tokens)
+                return
             self.k.clear()
             self.v.clear()
             self._held = 0

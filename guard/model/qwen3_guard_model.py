@@ -66,7 +66,9 @@ class Qwen3StreamGuard(nn.Module):
         )
         self.query_head = GuardHead(cfg.hidden_size, inner, eps, len(cfg.query_risk.labels), len(cfg.query_categories))
 
-    def new_cache(self, *, max_slots: int, max_tokens: int, max_bytes: int | None = None) -> KVCachePool:
+    def new_cache(
+        self, *, max_slots: int, max_tokens: int, max_bytes: int | None = None, keep_idle: bool = True
+    ) -> KVCachePool:
         cfg = self.config
         param = self.model.embed_tokens.weight
         return KVCachePool(
@@ -78,6 +80,7 @@ class Qwen3StreamGuard(nn.Module):
             max_bytes=max_bytes,
             dtype=param.dtype,
             device=param.device,
+            keep_idle=keep_idle,
         )
 
     def pack(self) -> None:
