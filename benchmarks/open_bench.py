@@ -16,36 +16,16 @@ import argparse
 import asyncio
 import json
 import platform
-import socket
 import statistics
 import sys
 import time
 
-import grpc
+from load_test import free_port, wait_serving
 from processes import guard_command, running
 
 from server.client import SidecarClient
 
 VARIANTS = {"kept": [], "released": ["--kv-cache-release-idle"]}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def wait_ready(address: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            async with SidecarClient(address, timeout=5) as client:
-                await client.info()
-                return
-        except grpc.aio.AioRpcError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
 
 
 async def opens(address: str, count: int) -> list[float]:
@@ -65,7 +45,7 @@ def run_variant(model: str, extra: list[str], count: int) -> list[float]:
     port = free_port()
     args = ["serve", "--model", model, "--judge", "", "--address", f"127.0.0.1:{port}", "--metrics-port", "0"]
     with running(guard_command(*args, "--audit-log", "", *extra), "sidecar", quiet=True):
-        asyncio.run(wait_ready(f"127.0.0.1:{port}"))
+        asyncio.run(wait_serving(f"127.0.0.1:{port}"))
         asyncio.run(opens(f"127.0.0.1:{port}", 5))  # warm-up: first calls, lazy imports
         return asyncio.run(opens(f"127.0.0.1:{port}", count))
 
