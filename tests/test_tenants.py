@@ -77,6 +77,31 @@ def test_the_tenants_file_is_checked_whole():
         parse_tenants("tenants: [", SERVICES)
 
 
+def test_guard_tenants_makes_keys_and_checks_files(tmp_path):
+    """`guard tenants`: hash-key reads the key from stdin (never argv), new-key prints a key with
+    its hash, check lists each tenant or exits 1 with every problem, without echoing a key."""
+    from cli_runner import guard_main
+
+    hashed = guard_main("tenants", "hash-key", stdin="ops-key-1\n")
+    assert hashed.returncode == 0 and hashed.stdout == hash_key("ops-key-1") + "\n"
+    empty = guard_main("tenants", "hash-key", stdin="")
+    assert empty.returncode == 2 and "give the key on standard input" in empty.stderr
+    made = guard_main("tenants", "new-key")
+    key, digest = (line.split(":", 1)[1].strip() for line in made.stdout.splitlines())
+    assert made.returncode == 0 and key.startswith("gk_") and len(key) > 40 and digest == hash_key(key)
+    good = tmp_path / "tenants.yaml"
+    good.write_text(tenants_yaml())
+    checked = guard_main("tenants", "check", str(good))
+    assert checked.returncode == 0
+    assert "ok  kids-app" in checked.stdout and "domains children_education" in checked.stdout
+    assert "admin" in next(line for line in checked.stdout.splitlines() if line.startswith("ok  ops"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"tenants": {"raw": {"keys": ["plain-text-key"]}}}))
+    refused = guard_main("tenants", "check", str(bad))
+    assert refused.returncode == 1 and "is not 'sha256:<64 hex digits>'" in refused.stderr
+    assert "plain-text-key" not in refused.stderr + refused.stdout
+
+
 def test_a_certificate_name_is_never_taken_for_a_key(tmp_path):
     """Key hashes are not secret (they sit in the file): a client certificate whose name spells a
     tenant's key hash must not authenticate as that tenant."""

@@ -108,8 +108,8 @@ class KVCachePool:
 
     When the last session leaves, what grew beyond the first allocation (``initial_slots x
     initial_tokens``) is given back; the first allocation is kept (``keep_idle``), so the next
-    session after a quiet spell does not allocate on its way in (one stream's open p90 went from
-    6.6 to 3.6 ms, benchmarks/README.md). ``keep_idle=False`` gives everything back.
+    session after a quiet spell does not allocate on its way in (one stream's open: p50 0.81x,
+    p90 0.62x, benchmarks/open_bench.py). ``keep_idle=False`` gives everything back.
     """
 
     def __init__(
