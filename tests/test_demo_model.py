@@ -121,6 +121,25 @@ def test_bread_recipe_is_not_interrupted_through_the_cli(demo_dir):
     assert all(t["risk"] == "Safe" for t in out["tokens"])
 
 
+def test_guard_demo_moderates_the_showcase(demo_dir):
+    """`guard demo` (`make demo`): each showcase conversation with its prompt verdict, the safe
+    answers passed whole, the unsafe ones interrupted in their labelled category."""
+    from cli_runner import guard_main
+
+    assert guard_main("demo", "--build-only").stdout.strip() == str(demo_dir)
+    done = guard_main("demo")
+    assert done.returncode == 0, done.stderr
+    assert "DEMO MODEL" in done.stdout
+    blocks = done.stdout.split("user:      ")[1:]
+    assert len(blocks) == len(SHOWCASE)
+    for ex, block in zip(SHOWCASE, blocks, strict=True):
+        assert block.startswith(ex.prompt) and f"prompt:  {ex.prompt_risk}" in block
+        if ex.unsafe_from_char is None:
+            assert f"response passed: {ex.response}" in block
+        else:
+            assert "INTERRUPTED at token" in block and f"({ex.response_category})" in block
+
+
 def test_undertrained_demo_is_refused_not_shipped(tmp_path):
     """The coverage check is what makes the demo behave the same on every CPU: a model that has
     not learnt the corpus must not be written."""
